@@ -1,0 +1,365 @@
+"""Typed experiment configuration: one dataclass per section, YAML files, dotted overrides.
+
+A config is built in three layers, later ones winning:
+  1. the dataclass defaults below,
+  2. a YAML file (``configs/*.yaml``; a file may name ``base: other.yaml`` to inherit),
+  3. dotted command-line overrides (``optim.lr=1e-4 data.train_shards=shards/train``).
+Unknown keys are an error that names the key, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_SHARDS = REPO_ROOT / "shards"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the value."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = str(BUNDLED_SHARDS / "train")
+    """Training shards: a folder with ``manifest.json``, a brace pattern of tars, or a single tar."""
+    val_shards: str | None = str(BUNDLED_SHARDS / "val")
+    """Validation shards (same forms as ``train_shards``); ``None`` disables validation."""
+    batch_size: int = 4
+    """Samples per U rank per step. An S rank of a cell with r U ranks sees r·batch_size."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 decodes in the training process)."""
+    shuffle_buffer: int = 64
+    """Sample-level shuffle buffer after the per-epoch seeded shard shuffle."""
+    samples_per_epoch: int | None = None
+    """Samples per epoch across all cells; ``None`` takes the manifest's count."""
+    use_stereo: bool = False
+    """Use the stereo partner (``stereo.jpg``) as a third source for branch U ("MS" training)."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet18"
+    """timm model name of the depth encoder (any CNN with ``features_only``)."""
+    pose_encoder: str = "resnet18"
+    """timm model name of the pose encoder (first conv widened to 6 channels)."""
+    pretrained: Literal["none", "file", "hub"] = "none"
+    """Encoder initialisation: random, from ``weights`` (a local file), or downloaded by timm."""
+    weights: str | None = None
+    """Path to ImageNet weights (safetensors or .pth) when ``pretrained: file``."""
+    num_scales: int = 4
+    """Decoder output scales (1, 1/2, 1/4, 1/8 of the input)."""
+    min_depth: float = 0.1
+    """d_min of the disparity→depth mapping, metres."""
+    max_depth: float = 100.0
+    """d_max of the disparity→depth mapping, metres."""
+
+
+@dataclass
+class LossConfig:
+    tau_s: float = 0.1
+    """τ_s: error at which S's optimal confidence starts to fall below 1."""
+    tau_u: float = 0.05
+    """τ_u: the same for U's photometric error."""
+    rho: Literal["log", "l1"] = "log"
+    """Per-pixel supervised error ρ: |log D - log D*| or |D - D*| in metres."""
+    point_filtering: Literal["held_out", "prior", "none"] = "held_out"
+    """How S's confidence is trained away from LiDAR points (METHOD.md, "point filtering")."""
+    pf_fraction: float = 0.2
+    """M: held-out fraction of LiDAR pixels (``held_out``) or the prior confidence (``prior``)."""
+    lambda_pf: float = 1.0
+    """λ_pf, weight of the point-filtering term."""
+    lambda_distill: float = 0.5
+    """λ_d, final weight of each distillation term."""
+    distill_warmup: float = 0.1
+    """Ramp of λ_d from 0: a fraction of ``train.max_steps`` if < 1, else a number of steps."""
+    distill_direction: Literal["both", "s_from_u", "u_from_s", "none"] = "both"
+    """Which distillation terms are active (ablations: one way only, none)."""
+    scale_align: Literal["auto", "on", "off"] = "auto"
+    """Median scale alignment k in L_s<-u; auto = on unless U has a stereo (metric) source."""
+    ssim_alpha: float = 0.85
+    """α of the photometric error pe = α/2 (1 - SSIM) + (1 - α)|a - b|."""
+    lambda_smooth: float = 1e-3
+    """λ_sm, weight of the edge-aware smoothness on mean-normalised disparity."""
+    automask: bool = True
+    """Monodepth2 auto-masking of pixels whose un-warped error is lower."""
+
+
+@dataclass
+class AugmentConfig:
+    s_strength: Literal["weak", "strong"] = "strong"
+    """Augmentation of branch S (``weak`` = the same as U: the "same augmentation" ablation)."""
+    u_strength: Literal["weak", "strong"] = "weak"
+    """Augmentation of branch U."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip (both branches)."""
+    jitter: float = 0.2
+    """Brightness/contrast/saturation jitter of the weak set (hue is half of it)."""
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    """Area range of S's random resized crop."""
+    rotation_deg: float = 5.0
+    """Maximum absolute rotation of S, degrees."""
+
+
+@dataclass
+class TopologyConfig:
+    mode: Literal["auto", "colocated", "split"] = "auto"
+    """auto: colocated on 1 process, split otherwise. colocated: every rank runs both branches."""
+    sup_ranks: int | None = None
+    """Ranks in the S group when split (default: half the world). Must divide the U rank count."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of both branches (Adam)."""
+    lr_pose: float | None = None
+    """Learning rate of the pose network (default: ``lr``)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    schedule: Literal["constant", "step", "cosine"] = "step"
+    """After warm-up: constant, step decay (×``decay_factor`` at each milestone) or cosine."""
+    milestones: tuple[float, ...] = (0.75,)
+    """Step-decay milestones as fractions of ``train.max_steps``."""
+    decay_factor: float = 0.1
+    """Multiplier applied at each milestone."""
+    grad_clip: float | None = None
+    """Clip the gradient norm of each branch to this value (``None``: no clipping)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimiser steps of each branch."""
+    output_dir: str = "runs/default"
+    """Run folder: resolved config, checkpoints, exports, logs. The same folder resumes."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint in ``output_dir``; ``none``; or a path."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype of the networks; losses always run in fp32."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    deepspeed: Literal["none", "zero1", "zero2"] = "none"
+    """DeepSpeed ZeRO stage per branch group (GPU only); each group gets its own engine."""
+    log_every: int = 10
+    """Steps between scalar logs."""
+    image_every: int = 100
+    """Steps between depth/confidence image logs (0 disables)."""
+    val_every: int = 100
+    """Steps between validations (0 disables)."""
+    val_batches: int | None = None
+    """Cap on validation batches per rank (``None``: the full val set)."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (a final one is always written)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    """Tracker. W&B honours ``WANDB_MODE=offline``."""
+    wandb_project: str = "distill-depth"
+    """W&B project name."""
+    run_name: str | None = None
+    """Run name and stable tracker id (default: the output folder's name)."""
+    timeout_s: float = 300.0
+    """Collective timeout: a dead rank makes the others fail after at most this long."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    branches: tuple[str, ...] = ("S", "U")
+    """Branches trained: both (mutual distillation) or one (the S-only / U-only baselines)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: cannot read {value!r} as {hint} ({'; '.join(errors)})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value) if hint is float else int(str(value), 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"{'.'.join(parts[:i])} has no sub-keys (while setting {dotted})")
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {dotted!r} (known at this level: {known})")
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(node))
+            if dataclasses.is_dataclass(getattr(node, name)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+                for sub_key, sub_value in value.items():
+                    _set(cfg, f"{dotted}.{sub_key}", sub_value)
+            else:
+                setattr(node, name, _coerce(value, hints[name], dotted))
+        else:
+            node = getattr(node, name)
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: 'base' chain loops back to itself")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: invalid YAML: {exc}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping")
+    flat: dict[str, Any] = {}
+    base = content.pop("base", None)
+    if base is not None:
+        flat.update(_read_yaml((path.parent / base), seen + (path.resolve(),)))
+    flat.update(_flatten(content))
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` → ``("optim.lr", 1e-4)`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file (with ``base:`` inheritance) ← dotted ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        for key, value in _read_yaml(Path(path)).items():
+            _set(cfg, key, value)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(mapping: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a saved ``config.yaml``)."""
+    cfg = Config()
+    for key, value in _flatten(mapping).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that single-field typing cannot express."""
+    if not set(cfg.branches) or not set(cfg.branches) <= {"S", "U"}:
+        raise ConfigError(f"branches: expected a non-empty subset of [S, U], got {list(cfg.branches)}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
+    if not 0.0 <= cfg.loss.pf_fraction < 1.0:
+        raise ConfigError(f"loss.pf_fraction (M) must be in [0, 1), got {cfg.loss.pf_fraction}")
+    if not 0 < cfg.model.min_depth < cfg.model.max_depth:
+        raise ConfigError(
+            f"model.min_depth/max_depth must satisfy 0 < min < max, got {cfg.model.min_depth}, {cfg.model.max_depth}"
+        )
+    if cfg.model.pretrained == "file" and not cfg.model.weights:
+        raise ConfigError("model.pretrained is 'file' but model.weights is not set")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

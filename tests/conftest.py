@@ -1,0 +1,41 @@
+"""Shared fixtures: where the real KITTI sample data and the bundled shards live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_SHARDS = REPO / "shards"
+
+
+def sample_data_root() -> Path:
+    """``$DISTILL_DEPTH_SAMPLE_DATA`` or ``../shared/data`` beside the repository."""
+    env = os.environ.get("DISTILL_DEPTH_SAMPLE_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    root = sample_data_root()
+    if not (root / "udacity_sfnd").is_dir():
+        pytest.skip(
+            f"real KITTI sample data not found at {root} "
+            "(set DISTILL_DEPTH_SAMPLE_DATA or place ../shared/data beside the repo)"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def kitti_raw_root(sample_data: Path) -> Path:
+    """Root of the real raw drive (``2011_09_26/2011_09_26_drive_unknown_sync``)."""
+    return sample_data / "udacity_sfnd"
+
+
+@pytest.fixture(scope="session")
+def bundled_shards() -> Path:
+    if not (BUNDLED_SHARDS / "train" / "manifest.json").is_file():
+        pytest.skip("bundled shards/ not generated yet")
+    return BUNDLED_SHARDS
