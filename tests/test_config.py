@@ -1,0 +1,66 @@
+"""Config: defaults, YAML with `base:` inheritance, dotted overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distill_depth.config import Config, ConfigError, config_from_dict, load_config, save_config
+
+
+def test_defaults_have_the_keys_users_rely_on():
+    cfg = Config()
+    assert cfg.train.max_steps > 0
+    assert cfg.train.output_dir
+    assert isinstance(cfg.train.seed, int)
+    assert cfg.data.train_shards.endswith("shards/train")
+    assert cfg.data.val_shards.endswith("shards/val")
+    assert cfg.loss.ssim_alpha == 0.85 and cfg.loss.tau_s == 0.1 and cfg.loss.tau_u == 0.05
+    assert cfg.loss.pf_fraction == 0.2 and cfg.loss.lambda_distill == 0.5
+
+
+def test_yaml_base_and_overrides(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.001\ntrain:\n  max_steps: 7\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  seed: 3\nbranches: [S]\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=2e-4", "data.train_shards=/x/{000..003}.tar",
+                                                "augment.crop_scale=[0.5,1.0]", "data.val_shards=null"])
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.train.max_steps == 7 and cfg.train.seed == 3
+    assert cfg.branches == ("S",)
+    assert cfg.data.train_shards == "/x/{000..003}.tar"
+    assert cfg.augment.crop_scale == (0.5, 1.0)
+    assert cfg.data.val_shards is None
+
+
+def test_round_trip_through_saved_yaml(tmp_path: Path):
+    cfg = load_config(None, ["train.max_steps=11", "loss.point_filtering=prior"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("loss.point_filtering=sometimes", "sometimes"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("noequals", "key=value"),
+        ("branches=[S,X]", "branches"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, fragment: str):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_files_are_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
