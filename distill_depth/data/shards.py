@@ -1,0 +1,384 @@
+"""`distill-depth make-shards`: a KITTI raw tree (real or synthetic) → WebDataset tars + manifest.
+
+One sample per target frame, key ``{drive}_{side}_{frame:010d}``; entries ``rgb.jpg``,
+``prev.jpg``, ``next.jpg``, ``stereo.jpg`` (with ``--stereo``), ``depth.png`` (Eigen LiDAR
+projection, uint16 metres×256), ``gt.png`` (when the tree has ``proj_depth/groundtruth``) and
+``json``. Shards are written in parallel, each as ``.tar.tmp`` + fsync + rename, and
+``manifest.json`` last, so a folder with a manifest is always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distill_depth.data import kitti
+from distill_depth.data.kitti import KittiDataError, SplitEntry
+
+FORMAT_NAME = "distill-depth-shards"
+FORMAT_VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+SKIP_REASONS = {
+    "no_neighbours": "frame t-1 or t+1 missing in the camera folder",
+    "no_lidar": "no velodyne_points/data/FRAME.bin (no sparse depth to supervise with)",
+}
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    out_dir: str
+    out_hw: tuple[int, int] | None  # None = native resolution
+    stereo: bool
+    jpeg_quality: int
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    root: str
+    entry: SplitEntry
+    missing: tuple[str, ...] = ()  # neighbours replaced by the target (--keep-edge-frames only)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing frames
+
+
+def entries_from_drives(root: Path, pattern: str, sides: str) -> list[SplitEntry]:
+    """Every frame of every drive folder matching ``pattern`` (relative to ``root``)."""
+    drives = sorted(p for p in glob.glob(str(root / pattern)) if os.path.isdir(p))
+    if not drives:
+        raise KittiDataError(f"--drives {pattern!r}: no drive folder matches under {root}")
+    entries = []
+    for drive in drives:
+        drive_path = os.path.relpath(drive, root).replace(os.sep, "/")
+        if drive_path.count("/") != 1:
+            raise KittiDataError(f"{drive}: expected ROOT/DATE/DRIVE, got {drive_path!r}")
+        for side in sides:
+            camera = kitti.SIDE_TO_CAMERA[side]
+            folder = Path(drive) / f"image_0{camera}" / "data"
+            if not folder.is_dir():
+                raise KittiDataError(f"{folder}: camera folder missing (side {side!r})")
+            frames = sorted(int(p.stem) for p in folder.glob("*.png"))
+            entries += [SplitEntry(drive_path, frame, side) for frame in frames]
+    return entries
+
+
+def plan_frames(root: Path, entries: list[SplitEntry], stereo: bool,
+                where: dict[SplitEntry, str] | None = None,
+                keep_edge_frames: bool = False) -> tuple[list[FrameJob], Counter]:
+    """Jobs for the frames that can be written, and the count of skipped frames per reason.
+
+    A missing drive or target image is an error (the split names something that is not there);
+    a frame at the edge of a drive or without a scan is skipped and counted. With
+    ``keep_edge_frames`` (evaluation splits: Eigen test holds frame 0 of many drives) a frame
+    without a neighbour is kept, the target standing in for the missing neighbour.
+    """
+    where = where or {}
+    jobs, skipped = [], Counter()
+    for entry in entries:
+        origin = where.get(entry, f"{entry.drive_path} {entry.frame} {entry.side}")
+        if not (root / entry.drive_path).is_dir():
+            raise KittiDataError(f"{origin}: drive folder {root / entry.drive_path} not found")
+        target = kitti.image_path(root, entry.drive_path, entry.camera, entry.frame)
+        if not target.is_file():
+            raise KittiDataError(f"{origin}: frame image {target} not found")
+        if stereo:
+            partner = kitti.image_path(root, entry.drive_path, 5 - entry.camera, entry.frame)
+            if not partner.is_file():
+                raise KittiDataError(
+                    f"{origin}: --stereo needs the stereo partner {partner}, which is missing"
+                )
+        missing = tuple(name for name, d in (("prev", -1), ("next", 1))
+                        if not kitti.image_path(root, entry.drive_path, entry.camera, entry.frame + d).is_file())
+        if missing and not keep_edge_frames:
+            skipped["no_neighbours"] += 1
+        elif not kitti.velodyne_path(root, entry.drive_path, entry.frame).is_file():
+            skipped["no_lidar"] += 1
+        else:
+            jobs.append(FrameJob(str(root), entry, missing))
+    return jobs, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding one sample
+
+_CALIBRATION: dict[str, kitti.DriveCalibration] = {}
+
+
+def _calibration(date_dir: Path) -> kitti.DriveCalibration:
+    key = str(date_dir)
+    if key not in _CALIBRATION:
+        _CALIBRATION[key] = kitti.load_calibration(date_dir)
+    return _CALIBRATION[key]
+
+
+def _jpeg(image: Image.Image, out_hw: tuple[int, int], quality: int) -> bytes:
+    if image.size != (out_hw[1], out_hw[0]):
+        image = image.resize((out_hw[1], out_hw[0]), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling=0)  # 4:4:4: colour edges matter to photometric losses
+    return buffer.getvalue()
+
+
+def _png16(depth: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(kitti.encode_depth(depth)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def resample_depth(depth: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Move every valid pixel to the output pixel whose centre is nearest; nearest depth wins.
+
+    Pixel centres map as (i + 0.5)·s - 0.5, the same as the intrinsics; nothing is interpolated.
+    """
+    if depth.shape == tuple(out_hw):
+        return depth
+    (h0, w0), (h1, w1) = depth.shape, out_hw
+    rows, cols = np.nonzero(depth > 0)
+    v = np.round((rows + 0.5) * (h1 / h0) - 0.5).astype(np.int64).clip(0, h1 - 1)
+    u = np.round((cols + 0.5) * (w1 / w0) - 0.5).astype(np.int64).clip(0, w1 - 1)
+    out = np.full(h1 * w1, np.inf)
+    np.minimum.at(out, v * w1 + u, depth[rows, cols].astype(np.float64))
+    out[~np.isfinite(out)] = 0.0
+    return out.reshape(h1, w1).astype(np.float32)
+
+
+def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
+    """The tar entries of one target frame."""
+    root, entry = Path(job.root), job.entry
+    calib = _calibration(root / entry.date)
+    camera = entry.camera
+    images = {
+        name: kitti.read_image(kitti.image_path(
+            root, entry.drive_path, camera, entry.frame + (0 if name in job.missing else offset)))
+        for name, offset in (("rgb", 0), ("prev", -1), ("next", 1))
+    }
+    if options.stereo:
+        images["stereo"] = kitti.read_image(kitti.image_path(root, entry.drive_path, 5 - camera, entry.frame))
+    width, height = images["rgb"].size
+    orig_hw = (height, width)
+    for name, image in images.items():
+        if image.size != (width, height):
+            raise KittiDataError(
+                f"{entry.drive_path} frame {entry.frame}: {name} image is {image.size[0]}x{image.size[1]}, "
+                f"target is {width}x{height}"
+            )
+    expected = calib.image_size.get(camera)
+    if expected is not None and expected != orig_hw:
+        raise KittiDataError(
+            f"{root / entry.date / 'calib_cam_to_cam.txt'}: S_rect_0{camera} says {expected[1]}x{expected[0]}, "
+            f"but {entry.drive_path} frame {entry.frame} is {width}x{height}"
+        )
+    out_hw = options.out_hw or orig_hw
+    sample = {f"{name}.jpg": _jpeg(image, out_hw, options.jpeg_quality) for name, image in images.items()}
+    scan = kitti.load_velodyne(kitti.velodyne_path(root, entry.drive_path, entry.frame))
+    sample["depth.png"] = _png16(kitti.project_velodyne(scan, calib, camera, orig_hw, out_hw))
+    gt_path = kitti.groundtruth_path(root, entry.drive_path, camera, entry.frame)
+    if gt_path.is_file():
+        gt = kitti.read_depth_png(gt_path)
+        if gt.shape != orig_hw:
+            raise KittiDataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]}, image is {width}x{height}")
+        sample["gt.png"] = _png16(resample_depth(gt, out_hw))
+    meta = {
+        "K": kitti.intrinsics(calib, camera, orig_hw, out_hw).tolist(),
+        "baseline_m": kitti.stereo_baseline(calib),
+        "drive": entry.drive,
+        "date": entry.date,
+        "frame": entry.frame,
+        "side": entry.side,
+        "orig_hw": list(orig_hw),
+    }
+    if job.missing:
+        meta["missing_neighbours"] = list(job.missing)  # prev/next.jpg hold the target itself
+    if options.stereo:
+        meta["stereo_T"] = kitti.stereo_transform(calib, camera, 5 - camera).tolist()
+    sample["json"] = json.dumps(meta, sort_keys=True).encode()
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(task: tuple[int, list[FrameJob], ShardOptions]) -> dict:
+    """Write one shard atomically (``.tar.tmp``, fsync, rename); return its manifest record."""
+    index, jobs, options = task
+    final = Path(options.out_dir) / SHARD_PATTERN.format(index)
+    temporary = final.with_name(final.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for job in jobs:
+                sample = encode_sample(job, options)
+                for suffix in sorted(sample):
+                    _add(tar, f"{job.entry.key}.{suffix}", sample[suffix])
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    return {"name": final.name, "num_samples": len(jobs), "bytes": final.stat().st_size, "sha256": _sha256(final)}
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(value, handle, indent=1)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options: ShardOptions,
+                samples_per_shard: int, workers: int, split_info: dict,
+                where: dict[SplitEntry, str] | None = None, progress: bool = True,
+                keep_edge_frames: bool = False) -> dict:
+    """Write the shards and the manifest; returns the manifest."""
+    from tqdm import tqdm
+
+    if (out_dir / "manifest.json").exists():
+        raise KittiDataError(f"{out_dir / 'manifest.json'}: output folder already holds shards; choose another --out")
+    jobs, skipped = plan_frames(root, entries, options.stereo, where, keep_edge_frames)
+    if not jobs:
+        raise KittiDataError(f"{root}: no frame can be written (skipped: {dict(skipped) or 'none'})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(i, jobs[start:start + samples_per_shard], options)
+             for i, start in enumerate(range(0, len(jobs), samples_per_shard))]
+    records: list[dict] = []
+    bar = tqdm(total=len(jobs), unit="sample", desc="make-shards", disable=not progress, file=sys.stderr)
+    try:
+        if workers <= 1:
+            for task in tasks:
+                records.append(write_shard(task))
+                bar.update(records[-1]["num_samples"])
+        else:
+            # spawn, not fork: the parent may hold threads (torch, tqdm) whose locks a fork copies;
+            # the executor also reports a dead worker instead of waiting for it forever
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+                futures = [pool.submit(write_shard, task) for task in tasks]
+                try:
+                    for future in as_completed(futures):
+                        records.append(future.result())
+                        bar.update(records[-1]["num_samples"])
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+    except BaseException:
+        for task in tasks:  # our own unfinished temporaries only; finished shards stay
+            Path(out_dir / (SHARD_PATTERN.format(task[0]) + ".tmp")).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    records.sort(key=lambda r: r["name"])
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "num_samples": len(jobs),
+        "resolution": list(options.out_hw) if options.out_hw else "native",
+        "stereo": options.stereo,
+        "jpeg_quality": options.jpeg_quality,
+        "entries": ["rgb.jpg", "prev.jpg", "next.jpg"] + (["stereo.jpg"] if options.stereo else [])
+        + ["depth.png", "gt.png (when the source has proj_depth/groundtruth)", "json"],
+        "split": split_info,
+        "source": {"kitti_root": str(root.resolve()), "tool": "distill-depth make-shards"},
+        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
+        "kept_without_neighbours": sum(1 for job in jobs if job.missing),
+        "shards": records,
+    }
+    _write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kitti-root", required=True, help="folder holding DATE/calib_*.txt and DATE/DRIVE/")
+    parser.add_argument("--out", required=True, help="output folder (must not hold a manifest.json yet)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--split", help="split file, lines 'DATE/DRIVE FRAME l|r' (monodepth2 format)")
+    which.add_argument("--drives", help="glob of drive folders relative to --kitti-root (default: */*_sync)")
+    parser.add_argument("--sides", default="l", choices=["l", "r", "lr"], help="cameras for --drives (default l)")
+    parser.add_argument("--height", type=int, help="stored height (default: native, no resize)")
+    parser.add_argument("--width", type=int, help="stored width (default: native, no resize)")
+    parser.add_argument("--stereo", action="store_true", help="add stereo.jpg and stereo_T (needs image_03)")
+    parser.add_argument("--samples-per-shard", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2))
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--keep-edge-frames", action="store_true",
+                        help="evaluation splits: keep frames lacking t-1/t+1 (the target stands in for the "
+                             "missing neighbour, json 'missing_neighbours' says which); never for training")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.kitti_root)
+    if (args.height is None) != (args.width is None):
+        print("error: give both --height and --width, or neither (native resolution)", file=sys.stderr)
+        return 2
+    if args.samples_per_shard < 1 or not 1 <= args.jpeg_quality <= 100:
+        print("error: --samples-per-shard must be >= 1 and --jpeg-quality in 1..100", file=sys.stderr)
+        return 2
+    out_hw = (args.height, args.width) if args.height else None
+    try:
+        if not root.is_dir():
+            raise KittiDataError(f"--kitti-root {root}: folder not found")
+        where = {}
+        if args.split:
+            entries = kitti.read_split_file(args.split)
+            where = {e: f"{args.split}:{i + 1}" for i, e in enumerate(entries)}
+            split_info = {"kind": "file", "name": Path(args.split).name, "path": str(Path(args.split).resolve()),
+                          "sha256": _sha256(Path(args.split)), "lines": len(entries)}
+        else:
+            pattern = args.drives or "*/*_sync"
+            entries = entries_from_drives(root, pattern, args.sides)
+            split_info = {"kind": "drives", "glob": pattern, "sides": args.sides}
+        options = ShardOptions(str(Path(args.out)), out_hw, args.stereo, args.jpeg_quality)
+        manifest = make_shards(root, Path(args.out), entries, options=options,
+                               samples_per_shard=args.samples_per_shard, workers=args.workers,
+                               split_info=split_info, where=where, progress=not args.no_progress,
+                               keep_edge_frames=args.keep_edge_frames)
+    except KittiDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    skipped = manifest["skipped"]
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}"
+          + (f" ({manifest['kept_without_neighbours']} without a temporal neighbour, kept)"
+             if manifest["kept_without_neighbours"] else ""))
+    print(f"skipped {sum(skipped.values())} frames: "
+          + ", ".join(f"{n} {reason} ({SKIP_REASONS[reason]})" for reason, n in skipped.items()))
+    return 0
