@@ -1,0 +1,276 @@
+"""The two branches of METHOD.md as self-contained modules: S (LiDAR) and U (video, + stereo).
+
+Each branch owns its augmenter and networks. ``forward`` runs every network whose parameters the
+loss trains (the trainer wraps the branch in DDP and calls ``loss`` on the unwrapped module), and
+``loss`` is computed in fp32 with autocast disabled. The other branch's prediction only ever
+arrives detached (``PartnerPrediction``), so no gradient crosses between branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill_depth.augment import AugmentedView, build_augmenter
+from distill_depth.config import Config
+from distill_depth.geometry import pose_from_axis_angle, warp_to_target
+from distill_depth.losses import (
+    distill,
+    distill_ramp,
+    photometric,
+    point_filtering,
+    self_confidence_nll,
+    smoothness,
+    split_held_out,
+    sup_confidence_nll,
+    upsample,
+)
+from distill_depth.losses.common import masked_mean
+from distill_depth.losses.supervised import lidar_mask
+from distill_depth.models import DepthNet, PoseNet
+from distill_depth.types import Batch, PartnerPrediction, Prediction
+
+TEMPORAL_SOURCES = ("prev", "next")
+
+
+def network_input(image: Tensor) -> Tensor:
+    """Non-finite pixels → 0 before a network sees them: one bad pixel would otherwise turn every
+    output (and gradient) of the convolution stack into NaN. The losses mask those pixels out."""
+    return torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class BranchError(ValueError):
+    """A batch or partner prediction does not fit what the branch needs; the message says what."""
+
+
+class _Branch(nn.Module):
+    """What both branches share: augmenter, DepthNet, canonical mapping, distillation, inference."""
+
+    name: str
+    distill_direction: str  # the value of ``loss.distill_direction`` that enables this branch's student term
+
+    def __init__(self, cfg: Config, strength: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.augmenter = build_augmenter(strength, cfg.augment)
+        self.depth_net = DepthNet(cfg.model)
+
+    def _predict_depth(self, view: AugmentedView, batch: Batch) -> Prediction:
+        disps, confs = self.depth_net(network_input(view.image))
+        depths = [self.depth_net.to_depth(d) for d in disps]
+        confs = [c.float() for c in confs]
+        canonical, valid = view.to_canonical(torch.cat([depths[0], confs[0]], dim=1))
+        return Prediction(
+            depth=depths,
+            confidence=confs,
+            canonical_depth=canonical[:, :1],
+            canonical_confidence=canonical[:, 1:2],
+            canonical_valid=valid,
+            keys=list(batch.keys),
+            extras={"view": view, "disp": disps},
+        )
+
+    def _scaled_maps(self, prediction: Prediction, size: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per scale: (disp, depth, confidence) upsampled to ``size`` in fp32 (disparity is the
+        interpolated quantity, as in Monodepth2)."""
+        maps = []
+        for disp, conf in zip(prediction.extras["disp"], prediction.confidence):
+            disp_full = upsample(disp.float(), size)
+            maps.append((disp_full, self.depth_net.to_depth(disp_full), upsample(conf.float(), size)))
+        return maps
+
+    def _distill_term(
+        self, prediction: Prediction, partner: PartnerPrediction | None, step: int, scale_align: bool
+    ) -> tuple[Tensor, float]:
+        """(L_student<-partner, its ramped weight); (0, 0) when alone or disabled by ``loss.distill_direction``."""
+        zero = torch.zeros((), dtype=torch.float32, device=prediction.canonical_depth.device)
+        direction = self.cfg.loss.distill_direction
+        if partner is None or direction not in ("both", self.distill_direction):
+            return zero, 0.0
+        if list(partner.keys) != list(prediction.keys):
+            raise BranchError(
+                f"branch {self.name}: partner prediction is for samples {partner.keys[:3]}..., "
+                f"this batch is {prediction.keys[:3]}... (the two branches must see the same samples in order)"
+            )
+        device = prediction.canonical_depth.device
+        mask = prediction.canonical_valid & partner.valid.to(device)
+        term = distill(
+            prediction.canonical_depth,
+            partner.depth.to(device),
+            partner.confidence.to(device),
+            mask,
+            scale_align=scale_align,
+        )
+        weight = distill_ramp(step, self.cfg.train.max_steps, self.cfg.loss.lambda_distill, self.cfg.loss.distill_warmup)
+        return term, weight
+
+    @torch.no_grad()
+    def infer(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [0, 1] → full-resolution depth (metres) and confidence, (B, 1, H, W) fp32.
+
+        No augmentation; the network runs in eval mode (BatchNorm running statistics) and the
+        previous train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            disps, confs = self.depth_net(network_input(image))
+            return self.depth_net.to_depth(disps[0]), confs[0].float()
+        finally:
+            self.train(was_training)
+
+
+class SupervisedBranch(_Branch):
+    """Branch S: depth + confidence from sparse LiDAR (L_sup' + λ_pf L_pf + λ_d L_s<-u), strong augmentation."""
+
+    name = "S"
+    distill_direction = "s_from_u"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg, cfg.augment.s_strength)
+
+    def forward(self, batch: Batch) -> Prediction:
+        """Augment (train mode only), predict per scale, map full resolution back to the canonical frame."""
+        return self._predict_depth(self.augmenter(batch), batch)
+
+    def loss(
+        self, batch: Batch, prediction: Prediction, partner: PartnerPrediction | None, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """L_S = mean_s L_sup'(s) + λ_pf · mean_s L_pf(s) + w_d(step) · L_s<-u.
+
+        L_sup' and L_pf are multi-scale (each scale's disparity and confidence upsampled to full
+        resolution, averaged over scales); the held-out pixels are drawn once per step. L_s<-u is
+        full-resolution only, in the canonical frame.
+        """
+        view: AugmentedView = prediction.extras["view"]
+        device_type = view.sparse_depth.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            loss_cfg = self.cfg.loss
+            sparse = view.sparse_depth.float()
+            lidar = lidar_mask(sparse)
+            fit, held = split_held_out(lidar, loss_cfg.pf_fraction if loss_cfg.point_filtering == "held_out" else 0.0)
+            image_valid = torch.ones_like(lidar)
+            sup_terms, pf_terms = [], []
+            for _, depth, conf in self._scaled_maps(prediction, tuple(sparse.shape[-2:])):
+                sup_terms.append(sup_confidence_nll(depth, conf, sparse, fit, loss_cfg.tau_s, loss_cfg.rho))
+                pf_terms.append(
+                    point_filtering(
+                        loss_cfg.point_filtering, depth, conf, sparse, held, loss_cfg.tau_s,
+                        loss_cfg.pf_fraction, loss_cfg.rho, image_valid,
+                    )
+                )
+            sup = torch.stack(sup_terms).mean()
+            pf = torch.stack(pf_terms).mean()
+            align = {"on": True, "off": False}.get(loss_cfg.scale_align, not self.cfg.data.use_stereo)
+            distill_term, weight = self._distill_term(prediction, partner, step, align)
+            total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
+            conf0 = prediction.confidence[0].float()
+            terms = {
+                "sup_nll": sup,
+                "pf": pf,
+                "distill": distill_term,
+                "distill_weight": torch.tensor(weight, device=total.device),
+                "conf_mean": conf0.mean(),
+                "conf_lidar_mean": masked_mean(conf0, lidar),
+                "lidar_fraction": lidar.float().mean(),
+            }
+        return total, {k: v.detach().float() for k, v in terms.items()}
+
+
+class SelfSupervisedBranch(_Branch):
+    """Branch U: depth + confidence from video (and the stereo partner with ``data.use_stereo``) by
+    photometric reprojection (L_self + λ_d L_u<-s), weak augmentation. Owns the pose network."""
+
+    name = "U"
+    distill_direction = "u_from_s"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg, cfg.augment.u_strength)
+        self.pose_net = PoseNet(cfg.model)
+
+    def _source_names(self, view: AugmentedView) -> list[str]:
+        names = [n for n in TEMPORAL_SOURCES if n in view.sources]
+        if self.cfg.data.use_stereo:
+            if "stereo" not in view.clean_sources or view.stereo_T is None:
+                raise BranchError("data.use_stereo is true but the batch has no 'stereo' source / stereo_T")
+            names.append("stereo")
+        if not names:
+            raise BranchError(f"branch U needs source frames {TEMPORAL_SOURCES}; the batch has {sorted(view.sources)}")
+        return names
+
+    def forward(self, batch: Batch) -> Prediction:
+        """Augment, predict depth per scale, and run the pose net for every temporal source
+        (T_target_to_source; the stereo source uses the known, flip-adjusted ``view.stereo_T``)."""
+        view = self.augmenter(batch)
+        prediction = self._predict_depth(view, batch)
+        poses: dict[str, Tensor] = {}
+        for name in self._source_names(view):
+            if name == "stereo":
+                poses[name] = view.stereo_T.float()
+            else:
+                axis_angle, translation = self.pose_net(network_input(view.image), network_input(view.sources[name]))
+                poses[name] = pose_from_axis_angle(axis_angle.float(), translation.float())
+        prediction.extras["poses"] = poses
+        return prediction
+
+    def loss(
+        self, batch: Batch, prediction: Prediction, partner: PartnerPrediction | None, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """L_U = mean_s L_self(s) + λ_sm · mean_s L_smooth(s) / 2^s + w_d(step) · L_u<-s.
+
+        Photometric NLL: multi-scale, each scale's disparity upsampled to full resolution, sources
+        warped with full-resolution K and the un-jittered images. Smoothness: Monodepth2's way, on
+        each scale's own disparity against the image resized to it, weight 1/2^s. L_u<-s:
+        full-resolution canonical frame, no scale alignment (U learns S's metric scale).
+        """
+        view: AugmentedView = prediction.extras["view"]
+        poses: dict[str, Tensor] = prediction.extras["poses"]
+        if view.K is None:
+            raise BranchError(
+                "branch U needs the intrinsics of its augmented view, but the augmentation made K invalid "
+                f"(augment.u_strength={self.cfg.augment.u_strength!r}; rotation breaks the pinhole model)"
+            )
+        loss_cfg = self.cfg.loss
+        with torch.autocast(device_type=view.image.device.type, enabled=False):
+            target = view.clean_image.float()
+            K = view.K.float()
+            size = tuple(target.shape[-2:])
+            sources = [view.clean_sources[n].float() for n in poses]
+            photo_terms, smooth_terms, pe_means, mask_fracs = [], [], [], []
+            for scale, (disp, depth, conf) in enumerate(self._scaled_maps(prediction, size)):
+                warped, valid = zip(*(warp_to_target(src, depth, poses[n], K) for n, src in zip(poses, sources)))
+                pe_min, mask = photometric(
+                    target, list(warped), list(valid), sources if loss_cfg.automask else None, loss_cfg.ssim_alpha
+                )
+                photo_terms.append(self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))
+                native = prediction.extras["disp"][scale].float()
+                image_s = F.interpolate(target, size=native.shape[-2:], mode="area") if scale else target
+                smooth_terms.append(smoothness(native, image_s) / 2**scale)
+                pe_means.append(masked_mean(pe_min, mask).detach())
+                mask_fracs.append(mask.float().mean())
+            photo = torch.stack(photo_terms).mean()
+            smooth = torch.stack(smooth_terms).mean()
+            distill_term, weight = self._distill_term(prediction, partner, step, scale_align=False)
+            total = photo + loss_cfg.lambda_smooth * smooth + weight * distill_term
+            translations = [T[:, :3, 3].norm(dim=1).mean() for n, T in poses.items() if n != "stereo"]
+            terms = {
+                "photo_nll": photo,
+                "smooth": smooth,
+                "distill": distill_term,
+                "distill_weight": torch.tensor(weight, device=total.device),
+                "pe": pe_means[0],
+                "automask_fraction": mask_fracs[0],
+                "conf_mean": prediction.confidence[0].float().mean(),
+                "pose_translation": torch.stack(translations).mean() if translations else torch.zeros((), device=total.device),
+            }
+        return total, {k: v.detach().float() for k, v in terms.items()}
+
+
+def build_branch(name: str, cfg: Config) -> nn.Module:
+    """``"S"`` → :class:`SupervisedBranch`, ``"U"`` → :class:`SelfSupervisedBranch`."""
+    if name == "S":
+        return SupervisedBranch(cfg)
+    if name == "U":
+        return SelfSupervisedBranch(cfg)
+    raise BranchError(f"branch name must be 'S' or 'U', got {name!r}")

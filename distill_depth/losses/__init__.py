@@ -1,0 +1,34 @@
+"""The loss terms of METHOD.md, one function each; every one runs in fp32 even under autocast."""
+
+from distill_depth.losses.common import confidence_nll, masked_mean, upsample
+from distill_depth.losses.distill import distill, distill_ramp, median_scale
+from distill_depth.losses.photometric import photometric, photometric_error, self_confidence_nll, smoothness
+from distill_depth.losses.supervised import (
+    depth_error,
+    lidar_mask,
+    point_filtering,
+    point_filtering_held_out,
+    point_filtering_prior,
+    split_held_out,
+    sup_confidence_nll,
+)
+
+__all__ = [
+    "confidence_nll",
+    "depth_error",
+    "distill",
+    "distill_ramp",
+    "lidar_mask",
+    "masked_mean",
+    "median_scale",
+    "photometric",
+    "photometric_error",
+    "point_filtering",
+    "point_filtering_held_out",
+    "point_filtering_prior",
+    "self_confidence_nll",
+    "smoothness",
+    "split_held_out",
+    "sup_confidence_nll",
+    "upsample",
+]

@@ -1,0 +1,69 @@
+"""Mutual distillation: L_s<-u and L_u<-s, scale alignment and the warm-up ramp (METHOD.md, "Mutual distillation")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distill_depth.losses.common import finite, fp32, masked_mean, sanitize
+
+
+def distill_ramp(step: int, max_steps: int, lambda_d: float, warmup: float) -> float:
+    """Weight of a distillation term at ``step``: λ_d · min(1, step / W), linear from 0.
+
+    W = ``warmup`` · ``max_steps`` when ``warmup`` < 1 (a fraction), else ``warmup`` steps;
+    W = 0 gives λ_d from the first step.
+    """
+    warmup_steps = warmup * max_steps if warmup < 1 else warmup
+    if warmup_steps <= 0:
+        return float(lambda_d)
+    return float(lambda_d) * min(1.0, max(0.0, step / warmup_steps))
+
+
+def _valid_depth(depth: Tensor) -> Tensor:
+    return finite(depth) & (depth > 0)
+
+
+@fp32
+def median_scale(student_depth: Tensor, teacher_depth: Tensor, mask: Tensor) -> Tensor:
+    """k = median(D_student) / median(D_teacher) per image over ``mask``, detached; (B, 1, 1, 1).
+
+    Images without a valid pixel get k = 1. Inputs (B, 1, H, W).
+    """
+    mask = mask & _valid_depth(student_depth) & _valid_depth(teacher_depth)
+    scales = []
+    for s, t, m in zip(student_depth.detach(), teacher_depth.detach(), mask):
+        if m.any():
+            scales.append(s[m].median() / t[m].median())
+        else:
+            scales.append(torch.ones((), device=s.device))
+    return torch.stack(scales).view(-1, 1, 1, 1)
+
+
+@fp32
+def distill(
+    student_depth: Tensor,
+    teacher_depth: Tensor,
+    teacher_confidence: Tensor,
+    mask: Tensor,
+    scale_align: bool = False,
+) -> Tensor:
+    """Confidence-weighted log-depth L1 from a detached teacher, either direction:
+
+        L_s<-u = mean_p [ sg(C_u(p)) · |log D_s(p) − log(sg(D_u(p)) · k)| ]   (scale_align=True)
+        L_u<-s = mean_p [ sg(C_s(p)) · |log D_u(p) − log sg(D_s(p))| ]        (scale_align=False)
+
+    k = median(D_s) / median(D_u) per image (detached) over the compared pixels. p ranges over
+    ``mask`` (B, 1, H, W) bool — both branches' canonical valid masks — and the pixels where both
+    depths are finite and positive. All maps are full-resolution canonical-frame (B, 1, H, W).
+    Only the student receives gradients. Empty mask → 0.
+    """
+    teacher_depth = teacher_depth.detach()
+    teacher_confidence = teacher_confidence.detach()
+    mask = mask & _valid_depth(student_depth) & _valid_depth(teacher_depth) & finite(teacher_confidence)
+    if scale_align:
+        teacher_depth = teacher_depth * median_scale(student_depth, teacher_depth, mask)
+    student = sanitize(student_depth, mask, 1.0)
+    teacher = sanitize(teacher_depth, mask, 1.0)
+    weight = sanitize(teacher_confidence, mask, 0.0).clamp(0.0, 1.0)
+    return masked_mean(weight * (torch.log(student) - torch.log(teacher)).abs(), mask)

@@ -1,0 +1,55 @@
+"""PoseNet: relative camera motion from a stacked (target, source) pair."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from distill_depth.config import ModelConfig
+from distill_depth.models.encoder import InputNormalize, create_encoder
+
+log = logging.getLogger(__name__)
+
+POSE_SCALE = 0.01
+"""Output scale of axis-angle and translation: keeps the initial motion near identity (Monodepth2 practice)."""
+
+
+class PoseNet(nn.Module):
+    """(target, source), each (B, 3, H, W) in [0, 1] → (axis_angle (B, 3), translation (B, 3)) of
+    T_target_to_source (X_source = T · X_target), translation in the depth network's units.
+
+    The encoder (``cfg.pose_encoder``) sees the two frames stacked into 6 channels; its first conv is
+    widened to 6 inputs (pretrained RGB filters duplicated and halved). The head squeezes the
+    deepest feature map, two 3×3 convs, a 1×1 conv to 6 numbers per location, spatial mean, ×0.01.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        pretrained, weights = cfg.pretrained, cfg.weights
+        if pretrained == "file" and cfg.pose_encoder != cfg.encoder:
+            # model.weights holds the depth encoder's weights; they cannot fit another architecture.
+            log.warning(
+                "model.weights is for encoder %r; pose encoder %r starts from random weights",
+                cfg.encoder,
+                cfg.pose_encoder,
+            )
+            pretrained, weights = "none", None
+        self.encoder = create_encoder(cfg.pose_encoder, pretrained, weights, in_chans=6)
+        self.normalize = InputNormalize(self.encoder)
+        deepest = self.encoder.feature_info.channels()[-1]
+        self.head = nn.Sequential(
+            nn.Conv2d(deepest, 256, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 6, 1),
+        )
+
+    def forward(self, target: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+        stacked = self.normalize(torch.cat([target, source], dim=1))
+        motion = self.head(self.encoder(stacked)[-1]).mean(dim=(2, 3)) * POSE_SCALE
+        return motion[:, :3], motion[:, 3:]

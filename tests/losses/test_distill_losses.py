@@ -1,0 +1,126 @@
+"""Mutual distillation: gradients, zero at agreement, scale alignment, ramp, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill_depth.losses import distill, distill_ramp, median_scale
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: avoids oversubscription on a busy 2-core machine (tiny tensors, many calls)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _depth(seed: int, shape=(2, 1, 12, 20)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 1.0 + 30.0 * torch.rand(shape, generator=g)
+
+
+def _all(shape=(2, 1, 12, 20)) -> torch.Tensor:
+    return torch.ones(shape, dtype=torch.bool)
+
+
+def test_gradients_reach_only_the_student() -> None:
+    student = _depth(0).requires_grad_()
+    teacher = _depth(1).requires_grad_()
+    conf = torch.rand(2, 1, 12, 20).requires_grad_()
+    for align in (False, True):
+        loss = distill(student, teacher, conf, _all(), scale_align=align)
+        loss.backward()
+        assert student.grad.abs().sum() > 0
+        assert teacher.grad is None and conf.grad is None
+
+
+def test_identical_predictions_give_zero() -> None:
+    depth = _depth(0)
+    conf = torch.rand(2, 1, 12, 20)
+    assert distill(depth, depth.clone(), conf, _all()).item() == 0.0
+    assert distill(depth, depth.clone(), conf, _all(), scale_align=True).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_value_is_confidence_weighted_log_l1() -> None:
+    student = torch.full((1, 1, 2, 2), 2.0)
+    teacher = torch.full((1, 1, 2, 2), 4.0)
+    conf = torch.tensor([[[[1.0, 0.5], [0.0, 0.5]]]])
+    assert distill(student, teacher, conf, torch.ones(1, 1, 2, 2, dtype=torch.bool)).item() == pytest.approx(
+        math.log(2.0) * 2.0 / 4.0, rel=1e-5
+    )
+
+
+def test_scale_alignment_makes_s_from_u_invariant_to_u_scale() -> None:
+    student = _depth(0)
+    teacher = _depth(1)
+    conf = torch.rand(2, 1, 12, 20)
+    base = distill(student, teacher, conf, _all(), scale_align=True)
+    for factor in (0.01, 0.3, 7.0):
+        scaled = distill(student, teacher * factor, conf, _all(), scale_align=True)
+        assert scaled.item() == pytest.approx(base.item(), rel=1e-5)
+    # without alignment the scale matters
+    assert distill(student, teacher * 7.0, conf, _all()).item() > base.item() + 0.3
+
+
+def test_median_scale_per_image() -> None:
+    student = torch.cat([torch.full((1, 1, 3, 3), 10.0), torch.full((1, 1, 3, 3), 4.0)])
+    teacher = torch.full((2, 1, 3, 3), 2.0)
+    k = median_scale(student, teacher, torch.ones(2, 1, 3, 3, dtype=torch.bool))
+    assert k.flatten().tolist() == pytest.approx([5.0, 2.0])
+    empty = median_scale(student, teacher, torch.zeros(2, 1, 3, 3, dtype=torch.bool))
+    assert empty.flatten().tolist() == [1.0, 1.0]
+
+
+def test_mask_restricts_pixels_and_empty_mask_gives_zero() -> None:
+    student = _depth(0).requires_grad_()
+    teacher = _depth(1)
+    conf = torch.ones(2, 1, 12, 20)
+    none = distill(student, teacher, conf, torch.zeros(2, 1, 12, 20, dtype=torch.bool), scale_align=True)
+    none.backward()
+    assert none.item() == 0.0 and torch.isfinite(student.grad).all()
+    mask = torch.zeros(2, 1, 12, 20, dtype=torch.bool)
+    mask[:, :, :6] = True
+    teacher2 = teacher.clone()
+    teacher2[:, :, 6:] = 1000.0  # outside the mask: must not matter
+    assert distill(student, teacher, conf, mask).item() == pytest.approx(
+        distill(student, teacher2, conf, mask).item(), rel=1e-6
+    )
+
+
+def test_nan_inf_zero_inputs_are_masked_out() -> None:
+    student = _depth(0)
+    teacher = _depth(1)
+    conf = torch.rand(2, 1, 12, 20)
+    student[0, 0, 0, 0] = float("nan")
+    student[0, 0, 0, 1] = 0.0
+    teacher[1, 0, 0, 0] = float("inf")
+    teacher[1, 0, 0, 1] = -3.0
+    conf[1, 0, 3, 3] = float("nan")
+    student.requires_grad_()
+    for align in (False, True):
+        loss = distill(student, teacher, conf, _all(), scale_align=align)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_fp32_under_bf16_autocast() -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = distill(_depth(0).bfloat16(), _depth(1).bfloat16(), torch.rand(2, 1, 12, 20).bfloat16(), _all(), True)
+    assert loss.dtype == torch.float32
+
+
+def test_ramp_values() -> None:
+    # warm-up as a fraction of max_steps: 10% of 1000 = 100 steps
+    assert distill_ramp(0, 1000, 0.5, 0.1) == 0.0
+    assert distill_ramp(50, 1000, 0.5, 0.1) == pytest.approx(0.25)
+    assert distill_ramp(100, 1000, 0.5, 0.1) == pytest.approx(0.5)
+    assert distill_ramp(5000, 1000, 0.5, 0.1) == pytest.approx(0.5)
+    # warm-up as a number of steps
+    assert distill_ramp(10, 1000, 1.0, 40) == pytest.approx(0.25)
+    # no warm-up: full weight at once
+    assert distill_ramp(0, 1000, 0.5, 0.0) == 0.5

@@ -1,0 +1,341 @@
+"""Branches S and U: the Prediction contract, loss terms, no gradient across branches, edge cases,
+and overfitting a handful of synthetic samples with real photometric consistency."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill_depth.branches import BranchError, SelfSupervisedBranch, SupervisedBranch, build_branch
+from distill_depth.config import Config
+from distill_depth.types import Batch
+
+# --- a tiny analytic scene: textured ground plane, back wall, and a box face ---------------------
+
+
+def _texture(u: torch.Tensor, v: torch.Tensor, seed: int) -> torch.Tensor:
+    """Smooth colour texture (3, ...) as a function of plane coordinates: sums of sinusoids."""
+    g = torch.Generator().manual_seed(seed)
+    channels = []
+    for _ in range(3):
+        value = torch.full_like(u, 0.5)
+        for _k in range(6):
+            freq = 0.6 + 3.0 * torch.rand(2, generator=g, dtype=torch.float64)
+            phase = 2 * math.pi * torch.rand(2, generator=g, dtype=torch.float64)
+            amp = 0.05 + 0.12 * torch.rand(1, generator=g).item()
+            value = value + amp * torch.sin(freq[0] * u + phase[0]) * torch.sin(freq[1] * v + phase[1])
+        channels.append(value)
+    return torch.stack(channels).clamp(0, 1)
+
+
+def _render_at(center, H, W, K, seed, box_x, ox, oy):
+    ys, xs = torch.meshgrid(
+        torch.arange(H, dtype=torch.float64) + oy, torch.arange(W, dtype=torch.float64) + ox, indexing="ij"
+    )
+    dx = (xs - K[0, 2]) / K[0, 0]
+    dy = (ys - K[1, 2]) / K[1, 1]
+    cx, cy, cz = center
+    inf = torch.full_like(dx, math.inf)
+    t_ground = torch.where(dy > 1e-6, (1.5 - cy) / dy.clamp(min=1e-6), inf)  # plane y = 1.5 (y down)
+    t_wall = torch.full_like(dx, 30.0 - cz)  # plane z = 30
+    t_box = torch.full_like(dx, 10.0 - cz)  # box face z = 10, |x - box_x| < 2, |y| < 1.5
+    bx, by = cx + dx * t_box, cy + dy * t_box
+    t_box = torch.where(((bx - box_x).abs() < 2.0) & (by.abs() < 1.5), t_box, inf)
+    nearest = torch.stack([t_ground, t_wall, t_box]).min(0)
+    depth, which = nearest.values, nearest.indices
+    X, Y, Z = cx + dx * depth, cy + dy * depth, cz + depth
+    image = torch.where(
+        which == 0,
+        _texture(X * 1.2, Z * 0.4, seed),
+        torch.where(which == 1, _texture(X * 0.5, Y * 0.5, seed + 1), _texture(X, Y, seed + 2)),
+    )
+    return image.float(), depth.float()[None]
+
+
+def render(center, H, W, K, seed, box_x=0.0, supersample=4):
+    """(image (3, H, W) supersampled against aliasing, depth (1, H, W) at pixel centres) of a camera at
+    ``center`` (x right, y down, z forward; no rotation)."""
+    offsets = [(i + 0.5) / supersample - 0.5 for i in range(supersample)]
+    image = sum(
+        _render_at(center, H, W, K.double(), seed, box_x, ox, oy)[0] for ox in offsets for oy in offsets
+    ) / supersample**2
+    return image, _render_at(center, H, W, K.double(), seed, box_x, 0.0, 0.0)[1]
+
+
+def synthetic_batch(n: int, H: int, W: int, stereo: bool = False, scale: float = 1.0) -> Batch:
+    """n samples: target, prev/next (camera 0.5 m back/forward) or the stereo partner (0.54 m right,
+    with the exact ``stereo_T``), sparse LiDAR on a regular subset of pixels, exact depth as gt.
+    ``scale`` multiplies every distance (the images do not change: pinhole projection is scale-free)."""
+    K = torch.tensor([[0.58 * W, 0, (W - 1) / 2], [0, 1.92 * H, (H - 1) / 2], [0, 0, 1.0]])
+    images, depths, sources = [], [], {k: [] for k in (("stereo",) if stereo else ("prev", "next"))}
+    for i in range(n):
+        x0, z0, seed, box_x = 0.4 * (i - n / 2), 0.7 * i, 10 * i, 0.8 * (i % 3 - 1)
+        image, depth = render((x0, 0.0, z0), H, W, K, seed, box_x)
+        images.append(image)
+        depths.append(depth)
+        offsets = {"prev": (0.0, -0.5), "next": (0.0, 0.5), "stereo": (0.54, 0.0)}
+        for name in sources:
+            ox, oz = offsets[name]
+            sources[name].append(render((x0 + ox, 0.0, z0 + oz), H, W, K, seed, box_x)[0])
+    depth = torch.stack(depths) * scale
+    sparse = torch.zeros_like(depth)
+    sparse[..., ::3, ::5] = depth[..., ::3, ::5]
+    stereo_T = None
+    if stereo:
+        stereo_T = torch.eye(4).repeat(n, 1, 1)
+        stereo_T[:, 0, 3] = -0.54 * scale  # X_stereo = X_target - baseline
+    return Batch(
+        image=torch.stack(images),
+        sources={k: torch.stack(v) for k, v in sources.items()},
+        sparse_depth=sparse,
+        K=K.repeat(n, 1, 1),
+        keys=[f"synth_{i:03d}" for i in range(n)],
+        gt_depth=depth,
+        stereo_T=stereo_T,
+    )
+
+
+def median_scaled_abs_rel(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    values = [((p * g.median() / p.median() - g).abs() / g).mean() for p, g in zip(pred, gt)]
+    return torch.stack(values).mean().item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """CPU network loops: one thread avoids oversubscription on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+H, W = 32, 96
+
+
+@pytest.fixture(scope="module")
+def batch() -> Batch:
+    return synthetic_batch(2, H, W)
+
+
+@pytest.fixture(scope="module")
+def branches() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = Config()
+    return {"S": build_branch("S", cfg), "U": build_branch("U", cfg)}
+
+
+# --- contract -------------------------------------------------------------------------------------
+
+
+def test_build_branch_names() -> None:
+    cfg = Config()
+    assert isinstance(build_branch("S", cfg), SupervisedBranch)
+    assert isinstance(build_branch("U", cfg), SelfSupervisedBranch)
+    with pytest.raises(BranchError, match="'X'"):
+        build_branch("X", cfg)
+
+
+def test_synthetic_scene_is_photometrically_consistent(batch: Batch) -> None:
+    from distill_depth.geometry import warp_to_target
+    from distill_depth.losses import photometric_error
+
+    T = torch.eye(4).repeat(2, 1, 1)
+    T[:, 2, 3] = 0.5  # prev camera 0.5 m behind: X_prev = X_target + (0, 0, 0.5)
+    warped, valid = warp_to_target(batch.sources["prev"], batch.gt_depth, T, batch.K)
+    exact = photometric_error(batch.image, warped)[valid].mean()
+    unwarped = photometric_error(batch.image, batch.sources["prev"]).mean()
+    assert exact < 0.5 * unwarped
+
+
+@pytest.mark.parametrize("name", ["S", "U"])
+def test_forward_prediction_contract(branches, batch: Batch, name: str) -> None:
+    branch = branches[name].train()
+    prediction = branch(batch)
+    assert len(prediction.depth) == len(prediction.confidence) == 4
+    for s, (depth, conf) in enumerate(zip(prediction.depth, prediction.confidence)):
+        assert depth.shape == conf.shape == (2, 1, H // 2**s, W // 2**s)
+        assert depth.dtype == torch.float32 and depth.requires_grad
+        assert ((depth >= 0.1 - 1e-4) & (depth <= 100.0 + 1e-3)).all()
+    assert prediction.canonical_depth.shape == prediction.canonical_valid.shape == (2, 1, H, W)
+    assert prediction.canonical_depth.requires_grad
+    assert prediction.keys == batch.keys
+    partner = prediction.for_partner()
+    assert not partner.depth.requires_grad and partner.keys == batch.keys
+
+
+def test_eval_forward_is_unaugmented_and_matches_infer(branches, batch: Batch) -> None:
+    branch = branches["S"].eval()
+    with torch.no_grad():
+        prediction = branch(batch)
+    depth, conf = branch.infer(batch.image)
+    torch.testing.assert_close(prediction.canonical_depth, depth)
+    torch.testing.assert_close(prediction.canonical_confidence, conf)
+    assert prediction.canonical_valid.all()
+    branch.train()
+    branch.infer(batch.image)
+    assert branch.training  # infer restores the mode
+
+
+def test_weak_augmentation_flip_maps_back_exactly(batch: Batch) -> None:
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.augment.flip_p = 1.0
+    branch = build_branch("U", cfg).train()
+    prediction = branch(batch)
+    torch.testing.assert_close(prediction.canonical_depth, torch.flip(prediction.depth[0], dims=[-1]))
+
+
+@pytest.mark.parametrize("name", ["S", "U"])
+def test_loss_terms_alone_and_with_partner(branches, batch: Batch, name: str) -> None:
+    branch = branches[name].train()
+    other = branches["U" if name == "S" else "S"].train()
+    prediction = branch(batch)
+    total, terms = branch.loss(batch, prediction, None, step=0)
+    expected = {"S": {"sup_nll", "pf", "distill", "conf_mean"}, "U": {"photo_nll", "smooth", "distill", "conf_mean"}}
+    assert expected[name] <= set(terms)
+    assert total.dtype == torch.float32 and total.ndim == 0 and torch.isfinite(total)
+    assert terms["distill"].item() == 0.0
+    assert all(not v.requires_grad for v in terms.values())
+
+    partner = other(batch).for_partner()
+    # during warm-up (step 0) the weight is 0; after it, λ_d
+    _, terms0 = branch.loss(batch, prediction, partner, step=0)
+    assert terms0["distill_weight"].item() == 0.0
+    total, terms = branch.loss(batch, prediction, partner, step=10_000)
+    assert terms["distill"].item() > 0 and terms["distill_weight"].item() == pytest.approx(0.5)
+    branch.zero_grad()
+    other.zero_grad()
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+    assert all(p.grad is None for p in other.parameters())  # nothing crosses to the partner
+
+
+def test_partner_for_other_samples_is_an_error(branches, batch: Batch) -> None:
+    branch = branches["S"]
+    prediction = branch(batch)
+    partner = prediction.for_partner()
+    partner.keys = list(reversed(partner.keys))
+    with pytest.raises(BranchError, match="same samples"):
+        branch.loss(batch, prediction, partner, step=100)
+
+
+def test_distill_direction_ablation(batch: Batch) -> None:
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.loss.distill_direction = "u_from_s"
+    s_branch, u_branch = build_branch("S", cfg), build_branch("U", cfg)
+    s_pred, u_pred = s_branch(batch), u_branch(batch)
+    assert s_branch.loss(batch, s_pred, u_pred.for_partner(), 10_000)[1]["distill"].item() == 0.0
+    assert u_branch.loss(batch, u_pred, s_pred.for_partner(), 10_000)[1]["distill"].item() > 0.0
+
+
+def test_edge_cases_give_finite_losses(branches, batch: Batch) -> None:
+    no_lidar = Batch(**{**batch.__dict__, "sparse_depth": torch.zeros_like(batch.sparse_depth)})
+    s_branch, u_branch = branches["S"], branches["U"]
+    s_pred = s_branch(no_lidar)
+    total, terms = s_branch.loss(no_lidar, s_pred, None, 0)
+    assert torch.isfinite(total) and terms["sup_nll"].item() == 0.0
+    total.backward()
+    # NaN / inf in the inputs of the losses (sparse depth for S; images for U; the partner) are masked
+    # out. (S's strong augmentation refuses NaN images itself: kornia's equalize checks the range.)
+    broken = batch.sparse_depth.clone()
+    broken[0, 0, 0, :5] = float("nan")
+    broken[1, 0, 3, :5] = float("inf")
+    images = batch.sources["prev"].clone()
+    images[0, :, 10, 10] = float("nan")
+    bad_lidar = Batch(**{**batch.__dict__, "sparse_depth": broken})
+    bad_image = Batch(**{**batch.__dict__, "sources": {**batch.sources, "prev": images}})
+    partner = u_branch(batch).for_partner()
+    partner.depth[0, 0, :3] = float("nan")
+    partner.confidence[1, 0, :3] = float("inf")
+    for branch, bad in ((s_branch, bad_lidar), (u_branch, bad_image)):
+        prediction = branch(bad)
+        total, terms = branch.loss(bad, prediction, partner, 10_000)
+        assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+
+
+@pytest.mark.parametrize("name", ["S", "U"])
+def test_losses_are_fp32_under_bf16_autocast(branches, batch: Batch, name: str) -> None:
+    branch = branches[name]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = branch(batch)
+        total, terms = branch.loss(batch, prediction, None, 0)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert all(v.dtype == torch.float32 for v in terms.values())
+
+
+# --- overfitting ------------------------------------------------------------------------------------
+
+
+def _train(branch, batch: Batch, steps: int, lr: float) -> list[dict[str, float]]:
+    optimizer = torch.optim.Adam(branch.parameters(), lr=lr)
+    history = []
+    for step in range(steps):
+        prediction = branch(batch)
+        total, terms = branch.loss(batch, prediction, None, step)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append({"total": total.item(), **{k: v.item() for k, v in terms.items()}})
+    return history
+
+
+def test_supervised_branch_overfits() -> None:
+    torch.manual_seed(0)
+    batch = synthetic_batch(2, 32, 96)
+    branch = build_branch("S", Config()).train()
+    history = _train(branch, batch, steps=12, lr=1e-3)
+    assert history[-1]["sup_nll"] < 0.5 * history[0]["sup_nll"]
+    assert history[-1]["total"] < 0.5 * history[0]["total"]
+
+
+def test_self_supervised_branch_overfits_and_beats_constant_depth() -> None:
+    """U alone with the stereo partner (known baseline) on 2 samples: the photometric loss falls and
+    its depth, median-scaled, beats the best constant depth. The scene is shrunk 20× so that the
+    initial network depth (~0.2 m at sigmoid 0.5) starts in range."""
+    torch.manual_seed(0)
+    batch = synthetic_batch(2, 32, 96, stereo=True, scale=0.05)
+    cfg = Config()
+    cfg.data.use_stereo = True
+    branch = build_branch("U", cfg).train()
+    history = _train(branch, batch, steps=35, lr=1e-3)
+    assert history[-1]["pe"] < 0.6 * history[0]["pe"]
+    assert history[-1]["photo_nll"] < 0.7 * history[0]["photo_nll"]
+    depth, _ = branch.infer(batch.image)
+    constant = median_scaled_abs_rel(torch.ones_like(batch.gt_depth), batch.gt_depth)
+    assert median_scaled_abs_rel(depth, batch.gt_depth) < 0.9 * constant
+
+
+# --- the real shard stream (bundled KITTI-layout shards) ----------------------------------------------
+
+
+def test_branches_on_bundled_shards(bundled_shards) -> None:
+    """A batch from the real stream through both branches with the exchange, MS mode (stereo)."""
+    from distill_depth.data.stream import eval_batches
+    from distill_depth.geometry import warp_to_target
+    from distill_depth.losses import photometric_error
+
+    batch = next(iter(eval_batches(str(bundled_shards / "train"), 2, 0, 1, num_workers=0)))
+    assert "stereo" in batch.sources and batch.stereo_T is not None
+    # the stereo transform is consistent with the images: at LiDAR pixels, warping the stereo
+    # image with the LiDAR depth explains the target better than the un-warped stereo image
+    warped, valid = warp_to_target(batch.sources["stereo"], batch.sparse_depth, batch.stereo_T, batch.K)
+    lidar = valid & (batch.sparse_depth > 0)
+    assert lidar.sum() > 100
+    assert photometric_error(batch.image, warped)[lidar].mean() < photometric_error(
+        batch.image, batch.sources["stereo"]
+    )[lidar].mean()
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.data.use_stereo = True
+    s_branch, u_branch = build_branch("S", cfg).train(), build_branch("U", cfg).train()
+    s_pred, u_pred = s_branch(batch), u_branch(batch)
+    assert set(u_pred.extras["poses"]) == {"prev", "next", "stereo"}
+    for branch, prediction, partner in ((s_branch, s_pred, u_pred), (u_branch, u_pred, s_pred)):
+        total, terms = branch.loss(batch, prediction, partner.for_partner(), step=cfg.train.max_steps)
+        total.backward()
+        assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+        assert terms["distill"].item() > 0
