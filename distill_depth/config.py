@@ -174,6 +174,8 @@ class TrainConfig:
     """Run name and stable tracker id (default: the output folder's name)."""
     timeout_s: float = 300.0
     """Collective timeout: a dead rank makes the others fail after at most this long."""
+    overfit_batches: int = 0
+    """Debug/overfit check: repeat the first N micro-batches of the stream forever (0: off)."""
 
 
 @dataclass

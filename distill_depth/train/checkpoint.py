@@ -1,0 +1,263 @@
+"""Step-numbered, atomic checkpoints of both branches; resume; final export; ``load_branches``.
+
+Layout of ``{output_dir}/checkpoints/step_{N:08d}/``::
+
+    S/model.safetensors  S/optimizer.pt  S/scheduler.pt  [S/scaler.pt]   (S group's first rank)
+    U/...                                                                 (U group's first rank)
+    rng/rank_{r:05d}.pt     torch / cuda / numpy / python RNG of every rank
+    state.json              step, data position (epoch, batch in epoch), placement
+    config.yaml             the resolved config
+    COMPLETE                written last
+
+Everything is written into ``.tmp_step_{N:08d}/`` and renamed when complete, so a folder named
+``step_*`` with a ``COMPLETE`` marker is never partial. The run folder must be on a file system
+that every rank sees (one node, or a shared file system across nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from distill_depth.config import Config, config_from_dict, save_config
+from distill_depth.train.distributed import barrier
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint/export path that does not hold what was asked for."""
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Micro-batches of ``epoch`` already consumed."""
+
+
+@dataclass
+class BranchState:
+    """What one branch owns on this rank: the module (unwrapped) and its optimisation state."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any | None = None
+    engine: Any | None = None
+    """DeepSpeed engine (``train.deepspeed``): it owns the sharded optimiser state and saves it."""
+
+    def state_files(self) -> dict[str, Any]:
+        if self.engine is not None:
+            return {}
+        files = {"optimizer.pt": self.optimizer.state_dict(), "scheduler.pt": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            files["scaler.pt"] = self.scaler.state_dict()
+        return files
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    position: DataPosition,
+    branches: list[BranchState],
+    leaders: set[str],
+    rank: int,
+    world: int,
+    cfg: Config,
+    placement: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it at the same step. Returns the final folder."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.parent / f".tmp_{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    for branch in branches:
+        if branch.name not in leaders:
+            continue
+        folder = tmp / branch.name
+        folder.mkdir(exist_ok=True)
+        save_model(branch.model, str(folder / "model.safetensors"))
+        for filename, payload in branch.state_files().items():
+            torch.save(payload, folder / filename)
+    for branch in branches:
+        if branch.engine is not None:  # every rank of the group writes its ZeRO shard
+            branch.engine.save_checkpoint(str(tmp / branch.name / "deepspeed"), tag="state")
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    barrier()
+    if rank == 0:
+        state = {"step": step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
+                 "world": world, **placement}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / MARKER).write_text(f"step {step}\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``auto`` → newest complete one (or none), ``none``, a path."""
+    if resume in ("none", "", "false"):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"train.resume={resume!r}: no complete checkpoint there (missing {MARKER})")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, branches: list[BranchState], rank: int, device: torch.device) -> tuple[int, DataPosition]:
+    """Restore this rank's branches, optimisers and RNG; returns (step, data position)."""
+    state = json.loads((path / "state.json").read_text())
+    for branch in branches:
+        folder = path / branch.name
+        if not (folder / "model.safetensors").is_file():
+            raise CheckpointError(f"checkpoint {path} has no branch {branch.name} ({folder}/model.safetensors)")
+        if branch.engine is not None:
+            branch.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=True)
+            continue
+        load_model(branch.model, str(folder / "model.safetensors"), strict=True, device=_device_name(device))
+        branch.optimizer.load_state_dict(_load(folder / "optimizer.pt", device))
+        branch.scheduler.load_state_dict(_load(folder / "scheduler.pt", device))
+        if branch.scaler is not None and (folder / "scaler.pt").is_file():
+            branch.scaler.load_state_dict(_load(folder / "scaler.pt", device))
+    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+    if rng_file.is_file() and state.get("world") is not None:
+        set_rng_state(_load(rng_file, torch.device("cpu")))
+    else:
+        log.warning("checkpoint %s has no RNG state for rank %d (world changed?): RNG not restored", path, rank)
+    return int(state["step"]), DataPosition(int(state["epoch"]), int(state["batch_in_epoch"]))
+
+
+def _device_name(device: torch.device) -> str:
+    """safetensors wants ``cpu`` (not ``cpu:0``, which accelerate's CPU ranks report) or ``cuda:N``."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def _load(path: Path, device: torch.device) -> Any:
+    # Our own files (optimiser state, numpy RNG tuples): not restricted to weights.
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def export_branches(output_dir: str | Path, models: dict[str, nn.Module]) -> Path:
+    """``{output_dir}/export/{S,U}.safetensors`` + ``config.yaml`` (call on one rank per branch)."""
+    folder = Path(output_dir) / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, model in models.items():
+        tmp = folder / f".{name}.safetensors.tmp"
+        save_model(model, str(tmp))
+        os.replace(tmp, folder / f"{name}.safetensors")
+    return folder
+
+
+def write_export_meta(output_dir: str | Path, cfg: Config, step: int) -> None:
+    folder = Path(output_dir) / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+
+
+def _weights_location(path: Path) -> tuple[Path, dict[str, Path]]:
+    """(config file, {branch: safetensors file}) for a run / checkpoint / export folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"load_branches: {path} does not exist")
+    if (path / MARKER).is_file():
+        return path / "config.yaml", {n: path / n / "model.safetensors" for n in ("S", "U")}
+    if (path / "config.yaml").is_file() and any(path.glob("*.safetensors")):
+        return path / "config.yaml", {n: path / f"{n}.safetensors" for n in ("S", "U")}
+    candidates: list[tuple[int, Path]] = []
+    export = path / "export"
+    if (export / "config.yaml").is_file():
+        meta = export / "state.json"
+        step = json.loads(meta.read_text())["step"] if meta.is_file() else -1
+        candidates.append((step, export))
+    found = complete_checkpoints(path)
+    if found:
+        candidates.append((int(STEP_DIR.match(found[-1].name).group(1)), found[-1]))  # type: ignore[union-attr]
+    if not candidates:
+        raise CheckpointError(f"load_branches: {path} is no run, checkpoint or export folder")
+    # The newer wins; on a tie the export (the final weights of the run).
+    _, best = max(candidates, key=lambda c: (c[0], c[1].name == "export"))
+    return _weights_location(best)
+
+
+def load_branches(path: str | Path, names: tuple[str, ...] = ("S", "U"), device: str | torch.device = "cpu"
+                  ) -> tuple[dict[str, nn.Module], Config]:
+    """Branches with trained weights, in eval mode, and the run's config.
+
+    ``path``: a run folder (the newer of its export and its newest complete checkpoint), a
+    checkpoint folder (``.../checkpoints/step_N``) or an export folder.
+    """
+    from distill_depth.branches import build_branch
+
+    config_file, files = _weights_location(Path(path))
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    models: dict[str, nn.Module] = {}
+    for name in names:
+        if not files[name].is_file():
+            raise CheckpointError(f"load_branches: no weights for branch {name} at {files[name]}")
+        # The trained weights replace any initialisation: never read ImageNet files here.
+        build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none"))
+        model = build_branch(name, build_cfg)
+        load_model(model, str(files[name]), strict=True, device=_device_name(torch.device(device)))
+        models[name] = model.to(device).eval()
+    return models, cfg

@@ -1,0 +1,72 @@
+"""Faults over real processes: a stop signal on one rank, exact resume, a rank that dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_procs import launch, tiny_overrides, wait_for_step
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+
+
+def _loss_terms(metrics: list[dict]) -> dict[int, dict[str, float]]:
+    """Per step, the branch terms (timings and throughput left out: they are wall-clock)."""
+    return {
+        m["step"]: {k: v for k, v in m.items() if k[:2] in ("S/", "U/") and not k.endswith("_s")}
+        for m in metrics if "S/loss" in m
+    }
+
+
+def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1's process group only (the rank and its DataLoader worker, as SLURM signals a
+    task): both ranks stop after the same step, write one complete checkpoint and
+    exit 0; the same command then resumes and ends with the losses and weights of a run that was
+    never interrupted."""
+    whole_out, cut_out = tmp_path / "whole", tmp_path / "cut"
+    whole = launch(2, tiny_overrides(tiny_shards, whole_out, STEPS), whole_out)
+    cut = launch(2, tiny_overrides(tiny_shards, cut_out, STEPS), cut_out)
+    wait_for_step(cut, 1)
+    os.killpg(cut.procs[1].pid, signal.SIGTERM)
+    assert cut.wait() == [0, 0], cut.tail()
+    checkpoints = sorted((cut_out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").is_file(), checkpoints
+    stopped_at = int(checkpoints[0].name.split("_")[1])
+    assert 1 <= stopped_at < STEPS
+    for name in ("S/model.safetensors", "U/model.safetensors", "S/optimizer.pt", "U/scheduler.pt",
+                 "rng/rank_00000.pt", "rng/rank_00001.pt", "state.json", "config.yaml"):
+        assert (checkpoints[0] / name).is_file(), name
+    assert not list((cut_out / "checkpoints").glob(".tmp_*"))
+
+    resumed = launch(2, tiny_overrides(tiny_shards, cut_out, STEPS), cut_out)
+    assert resumed.wait() == [0, 0], resumed.tail()
+    assert f"resuming from checkpoint step {stopped_at}" in resumed.logs[0].read_text()
+    assert whole.wait() == [0, 0], whole.tail()
+
+    reference, after = _loss_terms(whole.metrics()), _loss_terms(cut.metrics())
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert after[step] == reference[step], f"step {step}: {after[step]} != {reference[step]}"
+    for name in ("S", "U"):
+        a = load_file(whole_out / "export" / f"{name}.safetensors")
+        b = load_file(cut_out / "export" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_dead_rank_makes_the_others_exit_nonzero(tiny_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run = launch(2, tiny_overrides(tiny_shards, out, 50, "train.timeout_s=30"), out)
+    wait_for_step(run, 1)
+    run.procs[1].kill()
+    start = time.monotonic()
+    code = run.procs[0].wait(timeout=90)
+    assert code != 0
+    assert time.monotonic() - start < 60

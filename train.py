@@ -1,0 +1,11 @@
+"""Entry point for launchers: ``accelerate launch train.py --config configs/default.yaml [key=value ...]``.
+
+Same arguments as ``distill-depth train``; see docs/readme/training.md.
+"""
+
+import sys
+
+from distill_depth.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
