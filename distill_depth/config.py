@@ -222,6 +222,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: cannot read {value!r} as {hint} ({'; '.join(errors)})")
     if origin is Literal:
+        # YAML reads a bare `no`/`off` as False; `mixed_precision=no` must still mean "no".
+        if isinstance(value, bool) and value not in args and ("no" if not value else "yes") in args:
+            value = "no" if not value else "yes"
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

@@ -64,3 +64,9 @@ def test_bad_files_are_named(tmp_path: Path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_yaml_no_is_the_literal_no():
+    cfg = load_config(None, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
