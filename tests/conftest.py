@@ -39,3 +39,14 @@ def bundled_shards() -> Path:
     if not (BUNDLED_SHARDS / "train" / "manifest.json").is_file():
         pytest.skip("bundled shards/ not generated yet")
     return BUNDLED_SHARDS
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process network loops on one thread: avoids oversubscription on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

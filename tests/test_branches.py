@@ -102,13 +102,7 @@ def median_scaled_abs_rel(pred: torch.Tensor, gt: torch.Tensor) -> float:
     return torch.stack(values).mean().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """CPU network loops: one thread avoids oversubscription on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 H, W = 32, 96

@@ -42,7 +42,8 @@ class ShardSet:
         return self.counts
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (the checksum manifest.json records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -70,7 +71,7 @@ def _check_shard(url: str, record: dict, manifest_path: Path) -> None:
     if "bytes" in record and stat.st_size != record["bytes"]:
         raise ShardError(f"{url}: {stat.st_size} bytes, {manifest_path} says {record['bytes']} "
                          "(truncated or replaced shard)")
-    if _sha256(url) != record.get("sha256"):
+    if sha256_file(url) != record.get("sha256"):
         raise ShardError(f"{url}: sha256 does not match {manifest_path} (corrupt or replaced shard)")
     _VERIFIED.add((url, stat.st_size, stat.st_mtime_ns))
 

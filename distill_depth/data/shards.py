@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import io
 import json
 import multiprocessing
@@ -28,6 +27,7 @@ from PIL import Image
 
 from distill_depth.data import kitti
 from distill_depth.data.kitti import KittiDataError, SplitEntry
+from distill_depth.data.shard_reader import sha256_file
 
 FORMAT_NAME = "distill-depth-shards"
 FORMAT_VERSION = 1
@@ -214,14 +214,6 @@ def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
 # writing
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible bytes
@@ -242,7 +234,7 @@ def write_shard(task: tuple[int, list[FrameJob], ShardOptions]) -> dict:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, final)
-    return {"name": final.name, "num_samples": len(jobs), "bytes": final.stat().st_size, "sha256": _sha256(final)}
+    return {"name": final.name, "num_samples": len(jobs), "bytes": final.stat().st_size, "sha256": sha256_file(final)}
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
@@ -362,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
             entries = kitti.read_split_file(args.split)
             where = {e: f"{args.split}:{i + 1}" for i, e in enumerate(entries)}
             split_info = {"kind": "file", "name": Path(args.split).name, "path": str(Path(args.split).resolve()),
-                          "sha256": _sha256(Path(args.split)), "lines": len(entries)}
+                          "sha256": sha256_file(Path(args.split)), "lines": len(entries)}
         else:
             pattern = args.drives or "*/*_sync"
             entries = entries_from_drives(root, pattern, args.sides)

@@ -10,13 +10,7 @@ import torch
 from distill_depth.losses import distill, distill_ramp, median_scale
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: avoids oversubscription on a busy 2-core machine (tiny tensors, many calls)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _depth(seed: int, shape=(2, 1, 12, 20)) -> torch.Tensor:

@@ -11,13 +11,7 @@ from distill_depth.geometry import warp_to_target
 from distill_depth.losses import photometric, photometric_error, self_confidence_nll, smoothness
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: avoids oversubscription on a busy 2-core machine (tiny tensors, many calls)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(seed: int = 0, shape=(2, 3, 24, 40)) -> torch.Tensor:

@@ -22,13 +22,7 @@ def _maps(value: float, shape=(2, 1, 4, 6)) -> torch.Tensor:
     return torch.full(shape, value)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors in a long loop: thread hand-offs dominate on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_confidence_optimum_is_min_one_tau_over_error() -> None:

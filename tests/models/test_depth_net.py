@@ -15,13 +15,7 @@ from distill_depth.models import DepthNet, PoseNet, WeightsError, depth_to_disp,
 H, W = 64, 192
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: avoids oversubscription on a busy 2-core machine (tiny tensors, many calls)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "convnext_tiny"])
