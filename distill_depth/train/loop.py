@@ -121,8 +121,26 @@ def autocast_factory(precision: str, device: torch.device):
     return autocast
 
 
-def train(cfg: Config) -> int:
-    """Train per ``cfg`` on the processes the launcher started; returns the exit code."""
+def train(cfg: Config, stop_request: StopRequest | None = None) -> int:
+    """Train per ``cfg`` on the processes the launcher started; returns the exit code.
+
+    ``stop_request``: an installed handler (the CLI installs one before the slow imports, so a
+    signal during start-up is never fatal); when None, one is installed here, first of all. A
+    stop signal is honoured at every step boundary, including the one before the first step
+    (then nothing new is checkpointed, see ``_stop_before_first_step``).
+    """
+    owned = stop_request is None
+    if stop_request is None:
+        stop_request = StopRequest().install()
+    shield_data_workers()  # before any DataLoader worker is forked
+    try:
+        return _train(cfg, stop_request)
+    finally:
+        if owned:
+            stop_request.uninstall()
+
+
+def _train(cfg: Config, stop_request: StopRequest) -> int:
     accelerator = make_accelerator(cfg.train.timeout_s)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if device.type == "cpu":
@@ -177,8 +195,6 @@ def train(cfg: Config) -> int:
     )
     source = BatchSource(stream, position, cfg.train.overfit_batches)
     tracker = build_tracker(cfg.train.report_to, out, cfg.to_dict(), cfg.train.wandb_project, cfg.train.run_name, is_main)
-    stop_request = StopRequest().install()
-    shield_data_workers()
     watchdog = Watchdog(2 * cfg.train.timeout_s).start()
     autocast = autocast_factory(cfg.train.mixed_precision, device)
     dump_dir = os.environ.get(DUMP_ENV)
@@ -189,6 +205,9 @@ def train(cfg: Config) -> int:
     log_start = time.perf_counter()
     exit_code = 0
     try:
+        if step < cfg.train.max_steps and agree_to_stop(stop_request.requested, device):
+            _stop_before_first_step(step, is_main)
+            return exit_code
         while step < cfg.train.max_steps:
             step_start = time.perf_counter()
             for micro in range(cfg.train.grad_accum):
@@ -291,8 +310,19 @@ def train(cfg: Config) -> int:
         progress.close()
         source.close()
         watchdog.stop()
-        stop_request.uninstall()
         tracker.finish()
+
+
+def _stop_before_first_step(step: int, is_main: bool) -> None:
+    """A stop signal arrived during start-up (all ranks agreed before doing any step).
+
+    No step was done in this process, so there is nothing new to save: the run folder's newest
+    complete checkpoint (if any) is exactly where a restart continues. Exit 0 (and requeue under
+    SLURM) without spending the grace period on a step and a checkpoint.
+    """
+    if is_main:
+        log.warning("stopped by signal before the first step (at step %d); nothing new to checkpoint", step)
+        requeue_if_slurm()
 
 
 def _attach_deepspeed(branches: dict[str, BranchState], topology: Topology, cfg: Config, micro_batch: int) -> None:

@@ -62,6 +62,10 @@ class WandbTracker(Tracker):
 
     def finish(self) -> None:
         self.run.finish()
+        # What wandb's atexit hook would do; the CLI ends the process with os._exit (no atexit).
+        teardown = getattr(self._wandb, "teardown", None)
+        if teardown is not None:
+            teardown()
 
 
 class TensorBoardTracker(Tracker):

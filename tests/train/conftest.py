@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train_procs import TINY_HW, child_env
+from train_procs import REFERENCE_STEPS, TINY_HW, ReferenceRun, child_env, launch_accelerate, tiny_overrides
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +30,17 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "train"
 
 
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """One uninterrupted 2-process run (``accelerate launch`` with launch/accelerate/cpu_2proc.yaml,
+    REFERENCE_STEPS steps, exchange and weight dumps), shared by the split test (exchange, weights,
+    tracker none) and the resume test (the run a stopped-and-resumed one must equal): one run
+    fewer of the slowest kind."""
+    base = tmp_path_factory.mktemp("reference")
+    out, dump = base / "run", base / "dump"
+    run = launch_accelerate("launch/accelerate/cpu_2proc.yaml",
+                            tiny_overrides(tiny_shards, out, REFERENCE_STEPS, "train.report_to=none"),
+                            out, DISTILL_DEPTH_DUMP_DIR=str(dump))
+    return ReferenceRun(run, run.wait(), dump)

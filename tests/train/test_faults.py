@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_procs import launch, tiny_overrides, wait_for_step
+from distill_depth.train.checkpoint import complete_checkpoints
+
+from train_procs import REFERENCE_STEPS, ReferenceRun, launch, tiny_overrides, wait_for_log, wait_for_step
 
 pytestmark = pytest.mark.slow
 
-STEPS = 4
+STEPS = REFERENCE_STEPS
 
 
 def _loss_terms(metrics: list[dict]) -> dict[int, dict[str, float]]:
@@ -26,13 +28,13 @@ def _loss_terms(metrics: list[dict]) -> dict[int, dict[str, float]]:
     }
 
 
-def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards: Path, tmp_path: Path) -> None:
+def test_signal_on_one_rank_stops_all_and_resume_is_exact(reference_run: ReferenceRun, tiny_shards: Path,
+                                                          tmp_path: Path) -> None:
     """SIGTERM to rank 1's process group only (the rank and its DataLoader worker, as SLURM signals a
     task): both ranks stop after the same step, write one complete checkpoint and
     exit 0; the same command then resumes and ends with the losses and weights of a run that was
-    never interrupted."""
-    whole_out, cut_out = tmp_path / "whole", tmp_path / "cut"
-    whole = launch(2, tiny_overrides(tiny_shards, whole_out, STEPS), whole_out)
+    never interrupted (``reference_run``: the same 2-rank config, started by accelerate)."""
+    whole, whole_out, cut_out = reference_run.run, reference_run.run.out, tmp_path / "cut"
     cut = launch(2, tiny_overrides(tiny_shards, cut_out, STEPS), cut_out)
     wait_for_step(cut, 1)
     os.killpg(cut.procs[1].pid, signal.SIGTERM)
@@ -49,7 +51,7 @@ def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards: Path, tmp
     resumed = launch(2, tiny_overrides(tiny_shards, cut_out, STEPS), cut_out)
     assert resumed.wait() == [0, 0], resumed.tail()
     assert f"resuming from checkpoint step {stopped_at}" in resumed.logs[0].read_text()
-    assert whole.wait() == [0, 0], whole.tail()
+    assert reference_run.codes == [0], whole.tail()
 
     reference, after = _loss_terms(whole.metrics()), _loss_terms(cut.metrics())
     assert sorted(after) == list(range(1, STEPS + 1))
@@ -59,6 +61,20 @@ def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards: Path, tmp
         a = load_file(whole_out / "export" / f"{name}.safetensors")
         b = load_file(cut_out / "export" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_signal_before_the_first_step_exits_cleanly(tiny_shards: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 during start-up (rank 0 has just logged the placement; models, stream and
+    tracker are still being built): not fatal; both ranks agree before the first step and exit 0
+    without writing a checkpoint (no step was done, nothing new to save)."""
+    out = tmp_path / "run"
+    run = launch(2, tiny_overrides(tiny_shards, out, STEPS), out)
+    wait_for_log(run, "placement:")
+    os.killpg(run.procs[1].pid, signal.SIGTERM)
+    assert run.wait() == [0, 0], run.tail()
+    assert "stopped by signal before the first step (at step 0)" in run.logs[0].read_text()
+    assert "received SIGTERM" in run.logs[1].read_text()
+    assert not complete_checkpoints(out) and not (out / "export").exists() and run.metrics() == []
 
 
 def test_dead_rank_makes_the_others_exit_nonzero(tiny_shards: Path, tmp_path: Path) -> None:

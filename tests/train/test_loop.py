@@ -1,4 +1,5 @@
-"""One process, both branches (colocated): real runs of ``distill-depth train``."""
+"""One process, both branches (colocated): one real run of ``distill-depth train`` on the bundled
+shards, checked by two tests (one process start instead of two: the suite runs on 2 cores)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,40 @@ from pathlib import Path
 
 import pytest
 
-from train_procs import launch, tiny_overrides
+from train_procs import Run, launch
 
 pytestmark = pytest.mark.slow
 
+STEPS = 8
 LOGGED_KEYS = ("S/loss", "S/sup_nll", "U/loss", "U/photo_nll", "S/lr", "U/lr", "samples_per_s",
                "time/exchange_s", "time/wait_s", "val/S/abs_rel", "val/U/a1", "images/S/depth", "images/U/confidence")
 
 
-def test_colocated_on_bundled_shards_with_wandb_offline(bundled_shards: Path, tmp_path: Path) -> None:
-    """2 steps on the bundled shards: finite losses for both branches, validation of both, and an
-    offline W&B run folder holding every logged key and the depth/confidence images."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def colocated_run(bundled_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, list[int]]:
+    """STEPS steps overfitting one batch of the bundled shards, validation and images at the end,
+    W&B offline."""
+    out = tmp_path_factory.mktemp("colocated") / "run"
     overrides = [
         f"data.train_shards={bundled_shards / 'train'}", f"data.val_shards={bundled_shards / 'val'}",
-        "data.batch_size=1", "data.num_workers=0", "train.max_steps=2", f"train.output_dir={out}",
-        "train.log_every=1", "train.image_every=2", "train.val_every=2", "train.val_batches=1",
-        "train.report_to=wandb",
+        "data.batch_size=1", "data.num_workers=0", f"train.max_steps={STEPS}", f"train.output_dir={out}",
+        "train.log_every=1", f"train.image_every={STEPS // 2}", f"train.val_every={STEPS}", "train.val_batches=1",
+        "train.report_to=wandb", "train.overfit_batches=1", "optim.lr=1e-3", "optim.schedule=constant",
+        "optim.warmup_steps=0",
     ]
     run = launch(1, overrides, out, WANDB_MODE="offline")
-    assert run.wait() == [0], run.tail()
+    return run, run.wait()
+
+
+def test_colocated_on_bundled_shards_with_wandb_offline(colocated_run: tuple[Run, list[int]]) -> None:
+    """Finite losses for both branches, validation of both, and an offline W&B run folder holding
+    every logged key and the depth/confidence images."""
+    run, codes = colocated_run
+    out = run.out
+    assert codes == [0], run.tail()
     metrics = run.metrics()
     losses = [m[k] for m in metrics for k in ("S/loss", "U/loss") if k in m]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 2 * STEPS and all(math.isfinite(v) for v in losses)
     assert any("val/S/abs_rel" in m and math.isfinite(m["val/S/abs_rel"]) for m in metrics)
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     content = run_file.read_bytes()
@@ -40,14 +52,12 @@ def test_colocated_on_bundled_shards_with_wandb_offline(bundled_shards: Path, tm
     assert (out / "export" / "S.safetensors").is_file() and (out / "export" / "config.yaml").is_file()
 
 
-def test_losses_fall_on_a_fixed_batch(tiny_shards: Path, tmp_path: Path) -> None:
-    """Overfitting one batch for 8 steps lowers both branches' losses (the optimisers really step)."""
-    out = tmp_path / "run"
-    run = launch(1, tiny_overrides(tiny_shards, out, 8, "train.overfit_batches=1", "optim.lr=1e-3",
-                                   "optim.schedule=constant", "data.num_workers=0"), out)
-    assert run.wait() == [0], run.tail()
+def test_losses_fall_on_a_fixed_batch(colocated_run: tuple[Run, list[int]]) -> None:
+    """Overfitting one batch for STEPS steps lowers both branches' losses (the optimisers really step)."""
+    run, codes = colocated_run
+    assert codes == [0], run.tail()
     metrics = run.metrics()
     for name in ("S", "U"):
         series = [m[f"{name}/loss"] for m in metrics if f"{name}/loss" in m]
-        assert len(series) == 8 and all(math.isfinite(v) for v in series)
+        assert len(series) == STEPS and all(math.isfinite(v) for v in series)
         assert sum(series[-3:]) / 3 < sum(series[:3]) / 3, f"{name}: {series}"

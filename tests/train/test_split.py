@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_procs import launch, launch_accelerate, tiny_overrides
+from train_procs import REFERENCE_STEPS, ReferenceRun, launch, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -16,15 +16,12 @@ def _load(folder: Path, name: str) -> dict:
     return torch.load(folder / name, weights_only=False)
 
 
-def test_two_ranks_exchange_partner_predictions(tiny_shards: Path, tmp_path: Path) -> None:
+def test_two_ranks_exchange_partner_predictions(reference_run: ReferenceRun, tiny_shards: Path) -> None:
     """``accelerate launch`` with launch/accelerate/cpu_2proc.yaml: rank 0 trains S, rank 1 trains U; what each receives is the other's actual prediction for the
     same sample keys; both branches' weights move; tracker ``none`` writes no tracker files."""
-    dump = tmp_path / "dump"
-    out = tmp_path / "run"
-    run = launch_accelerate("launch/accelerate/cpu_2proc.yaml", tiny_overrides(tiny_shards, out, 2, "train.report_to=none"),
-                            out, DISTILL_DEPTH_DUMP_DIR=str(dump))
-    assert run.wait() == [0], run.tail()
-    for step in (0, 1):
+    run, dump, out = reference_run.run, reference_run.dump, reference_run.run.out
+    assert reference_run.codes == [0], run.tail()
+    for step in range(REFERENCE_STEPS):
         s_side = _load(dump, f"exchange_rank0_step{step}_0.pt")
         u_side = _load(dump, f"exchange_rank1_step{step}_0.pt")
         assert set(s_side["sent"]) == {"S"} and set(u_side["sent"]) == {"U"}
@@ -43,7 +40,7 @@ def test_two_ranks_exchange_partner_predictions(tiny_shards: Path, tmp_path: Pat
     from distill_depth.config import load_config
     from distill_depth.branches import build_branch
 
-    cfg = load_config(None, tiny_overrides(tiny_shards, out, 2))
+    cfg = load_config(None, tiny_overrides(tiny_shards, out, REFERENCE_STEPS))
     for rank, name in ((0, "S"), (1, "U")):
         torch.manual_seed(cfg.train.seed + {"S": 0, "U": 1}[name])
         initial = build_branch(name, cfg).state_dict()

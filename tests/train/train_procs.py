@@ -20,6 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TINY_HW = (64, 128)
 """Smallest frame the depth decoder takes (its deepest map must be >= 2 pixels high)."""
+REFERENCE_STEPS = 4
+"""Steps of the shared uninterrupted 2-process run (``reference_run`` in conftest.py)."""
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -77,6 +79,13 @@ class Run:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@dataclass
+class ReferenceRun:
+    run: Run
+    codes: list[int]
+    dump: Path
+
+
 def launch(world: int, overrides: list[str], out: Path, *, slurm: bool = False, **env: str) -> Run:
     """``world`` training processes of ``python -m distill_depth.cli train`` with launcher variables."""
     out.mkdir(parents=True, exist_ok=True)
@@ -122,3 +131,16 @@ def wait_for_step(run: Run, step: int, timeout: float = 180) -> None:
         time.sleep(0.2)
     run.kill()
     raise AssertionError(f"step {step} not reached in {timeout} s:\n{run.tail()}")
+
+
+def wait_for_log(run: Run, text: str, rank: int = 0, timeout: float = 180) -> None:
+    """Block until rank ``rank``'s log contains ``text``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run.logs[rank].exists() and text in run.logs[rank].read_text():
+            return
+        if any(p.poll() is not None for p in run.procs):
+            raise AssertionError(f"a rank exited before logging {text!r}:\n{run.tail()}")
+        time.sleep(0.05)
+    run.kill()
+    raise AssertionError(f"{text!r} not logged in {timeout} s:\n{run.tail()}")
