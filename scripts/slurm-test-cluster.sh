@@ -83,7 +83,8 @@ write_conf() {
     rm -f "$GRES_CONF"
   fi
   mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
-  ncpu=$(nproc)
+  # `nproc` honours OMP_NUM_THREADS (set to 1 by multi-process tests); count the real CPUs
+  ncpu=$(getconf _NPROCESSORS_ONLN)
   cat >"$CONF" <<CONF
 $MARKER
 ClusterName=ci
