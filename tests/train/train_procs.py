@@ -120,27 +120,25 @@ def launch_accelerate(config_file: str, overrides: list[str], out: Path, **env: 
     return Run([proc], [log], out)
 
 
-def wait_for_step(run: Run, step: int, timeout: float = 180) -> None:
-    """Block until rank 0 has logged ``step`` (metrics.jsonl)."""
+def _wait_until(run: Run, done, what: str, timeout: float, poll: float) -> None:
+    """Block until ``done()``; fail (killing the run) if a rank exits first or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(m["step"] >= step for m in run.metrics()):
+        if done():
             return
         if any(p.poll() is not None for p in run.procs):
-            raise AssertionError(f"a rank exited before step {step}:\n{run.tail()}")
-        time.sleep(0.2)
+            raise AssertionError(f"a rank exited before {what}:\n{run.tail()}")
+        time.sleep(poll)
     run.kill()
-    raise AssertionError(f"step {step} not reached in {timeout} s:\n{run.tail()}")
+    raise AssertionError(f"{what}: not within {timeout} s:\n{run.tail()}")
+
+
+def wait_for_step(run: Run, step: int, timeout: float = 180) -> None:
+    """Block until rank 0 has logged ``step`` (metrics.jsonl)."""
+    _wait_until(run, lambda: any(m["step"] >= step for m in run.metrics()), f"step {step}", timeout, 0.2)
 
 
 def wait_for_log(run: Run, text: str, rank: int = 0, timeout: float = 180) -> None:
     """Block until rank ``rank``'s log contains ``text``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if run.logs[rank].exists() and text in run.logs[rank].read_text():
-            return
-        if any(p.poll() is not None for p in run.procs):
-            raise AssertionError(f"a rank exited before logging {text!r}:\n{run.tail()}")
-        time.sleep(0.05)
-    run.kill()
-    raise AssertionError(f"{text!r} not logged in {timeout} s:\n{run.tail()}")
+    log = run.logs[rank]
+    _wait_until(run, lambda: log.exists() and text in log.read_text(), f"logging {text!r}", timeout, 0.05)
