@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from distill_depth.data.kitti import write_depth_png
 from distill_depth.evaluation.inference import (
     fuse,
     fusion_aligns_u,
@@ -29,8 +30,6 @@ from distill_depth.viz import side_by_side
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 FORMATS = ("npy", "png16", "color")
-PNG16_SCALE = 256.0
-"""16-bit PNG depth encoding (KITTI's): value = round(metres × 256), 0 = no value."""
 
 
 class ImageReadError(ValueError):
@@ -122,9 +121,8 @@ def write_outputs(stem: str, image: torch.Tensor, depth: torch.Tensor, confidenc
             _atomic_save(path, lambda p, a=array: np.save(p, a))
             written.append(path)
     if "png16" in options.formats:
-        encoded = np.clip(np.rint(depth_np * PNG16_SCALE), 0, 65535).astype(np.uint16)
         path = options.out_dir / f"{base}.png"
-        _atomic_save(path, lambda p: Image.fromarray(encoded).save(p, format="PNG"))
+        _atomic_save(path, lambda p: write_depth_png(p, depth_np))
         written.append(path)
     if "color" in options.formats:
         panel = side_by_side(image, depth, confidence)[0]
