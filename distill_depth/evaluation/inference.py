@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from distill_depth.config import Config
+from distill_depth.losses.distill import median_scale
 
 NETWORK_MULTIPLE = 32
 """Input sides must be multiples of this (five stride-2 stages of the encoder)."""
@@ -122,13 +123,6 @@ def infer_at_size(
     return depth, confidence
 
 
-def median_ratio(reference: Tensor, other: Tensor) -> Tensor:
-    """Per-image ``median(reference) / median(other)`` over all pixels, ``(B, 1, 1, 1)``."""
-    ref = reference.flatten(1).float().median(dim=1).values
-    oth = other.flatten(1).float().median(dim=1).values.clamp(min=1e-6)
-    return (ref / oth).view(-1, 1, 1, 1)
-
-
 def fuse(
     depth_s: Tensor, confidence_s: Tensor, depth_u: Tensor, confidence_u: Tensor, *, align_u_scale: bool
 ) -> tuple[Tensor, Tensor]:
@@ -141,7 +135,7 @@ def fuse(
     no metric scale of its own, the same alignment as L_s<-u), else 1.
     """
     if align_u_scale:
-        depth_u = depth_u * median_ratio(depth_s, depth_u)
+        depth_u = depth_u * median_scale(depth_s, depth_u, torch.ones_like(depth_s, dtype=torch.bool))
     weight_sum = (confidence_s + confidence_u).clamp(min=1e-6)
     log_depth = (confidence_s * depth_s.clamp(min=1e-6).log() + confidence_u * depth_u.clamp(min=1e-6).log()) / weight_sum
     confidence = (confidence_s**2 + confidence_u**2) / weight_sum
