@@ -56,6 +56,13 @@ class ModelConfig:
     """Path to ImageNet weights (safetensors or .pth) when ``pretrained: file``."""
     num_scales: int = 4
     """Decoder output scales (1, 1/2, 1/4, 1/8 of the input)."""
+    init_depth: float | None = 10.0
+    """Depth (metres) the disparity heads start around, via their bias; ``None``: the sigmoid's
+    midpoint (~0.2 m with the default range). A street-scene depth lets S start near the right
+    scale and keeps U's first warps consistent with metric-sized motion."""
+    pose_translation_scale: float = 1.0
+    """Translation per unit of the pose head's output (metres when depth is metric). 1.0 lets U's
+    poses reach metric motion (~1 m/frame) once S teaches it metres; Monodepth2 uses 0.01."""
     min_depth: float = 0.1
     """d_min of the disparity→depth mapping, metres."""
     max_depth: float = 100.0
@@ -362,6 +369,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.min_depth/max_depth must satisfy 0 < min < max, got {cfg.model.min_depth}, {cfg.model.max_depth}"
         )
+    if cfg.model.init_depth is not None and not cfg.model.min_depth < cfg.model.init_depth < cfg.model.max_depth:
+        raise ConfigError(
+            f"model.init_depth must lie strictly between min_depth and max_depth "
+            f"({cfg.model.min_depth}, {cfg.model.max_depth}), got {cfg.model.init_depth}"
+        )
+    if not cfg.model.pose_translation_scale > 0:
+        raise ConfigError(f"model.pose_translation_scale must be > 0, got {cfg.model.pose_translation_scale}")
     if cfg.model.pretrained == "file" and not cfg.model.weights:
         raise ConfigError("model.pretrained is 'file' but model.weights is not set")
 

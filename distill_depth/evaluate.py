@@ -38,7 +38,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="S, U, both, fused (= S, U and their confidence-weighted fusion), or auto "
                              "(every branch the checkpoint trained; default)")
     parser.add_argument("--median-scaling", choices=("auto", "on", "off"), default="auto",
-                        help="auto: on only for U trained alone without stereo (no metric signal)")
+                        help="auto: on only for a U branch without any metric signal (no stereo, no "
+                             "distillation from S); decided per branch and reported")
     parser.add_argument("--flip-tta", action="store_true", help="average with the mirrored image's prediction")
     parser.add_argument("--json", type=Path, default=None, help="write the full report (means + per image) here")
     parser.add_argument("--save-predictions", type=Path, default=None,
@@ -104,7 +105,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         models, cfg = _load(args.checkpoint, args.branch, info.device)
         outputs = _outputs(args.branch, tuple(b for b in cfg.branches if b in models))
-        scaling = needs_median_scaling(cfg, args.median_scaling)
+        scaling = {name: needs_median_scaling(cfg, args.median_scaling, name) for name in outputs}
         input_size = (args.height, args.width) if args.height is not None else training_size(cfg)
         settings = EvalSettings(
             protocol=protocol,
@@ -150,10 +151,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 def print_report(report: dict[str, Any], per_image: bool = False, file: Any = None) -> None:
     file = file or sys.stdout
     scaling = report["median_scaling"]
+    applied = ", ".join(f"{name} {'ON' if on else 'off'}" for name, on in scaling["applied"].items())
     print(
         f"protocol {report['protocol']['name']} ({report['protocol']['ground_truth']}, "
         f"garg_crop={report['protocol']['garg_crop']}, {report['protocol']['min_depth']:g}..{report['protocol']['max_depth']:g} m), "
-        f"{report['num_images']} images, median scaling {'ON' if scaling['applied'] else 'off'} ({scaling['mode']}), "
+        f"{report['num_images']} images, median scaling {applied} ({scaling['mode']}), "
         f"flip TTA {'on' if report['flip_tta'] else 'off'}",
         file=file,
     )

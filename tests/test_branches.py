@@ -277,22 +277,26 @@ def _train(branch, batch: Batch, steps: int, lr: float) -> list[dict[str, float]
 
 
 def test_supervised_branch_overfits() -> None:
+    """Two samples, defaults (depth starts around ``model.init_depth`` = 10 m, the scene spans
+    ~3-30 m): the LiDAR NLL and the total fall well below where they started."""
     torch.manual_seed(0)
     batch = synthetic_batch(2, 32, 96)
     branch = build_branch("S", Config()).train()
-    history = _train(branch, batch, steps=12, lr=1e-3)
-    assert history[-1]["sup_nll"] < 0.5 * history[0]["sup_nll"]
-    assert history[-1]["total"] < 0.5 * history[0]["total"]
+    history = _train(branch, batch, steps=30, lr=1e-3)
+    assert history[-1]["sup_nll"] < 0.85 * history[0]["sup_nll"]
+    assert history[-1]["total"] < 0.85 * history[0]["total"]
 
 
 def test_self_supervised_branch_overfits_and_beats_constant_depth() -> None:
     """U alone with the stereo partner (known baseline) on 2 samples: the photometric loss falls and
-    its depth, median-scaled, beats the best constant depth. The scene is shrunk 20× so that the
-    initial network depth (~0.2 m at sigmoid 0.5) starts in range."""
+    its depth, median-scaled, beats the best constant depth. The scene is shrunk 20× and the
+    depth starts at the sigmoid's midpoint (~0.2 m, ``model.init_depth: null``): in range, but far
+    enough from the answer that the loss has to do the work."""
     torch.manual_seed(0)
     batch = synthetic_batch(2, 32, 96, stereo=True, scale=0.05)
     cfg = Config()
     cfg.data.use_stereo = True
+    cfg.model.init_depth = None
     branch = build_branch("U", cfg).train()
     history = _train(branch, batch, steps=35, lr=1e-3)
     assert history[-1]["pe"] < 0.6 * history[0]["pe"]

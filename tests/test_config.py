@@ -50,6 +50,8 @@ def test_round_trip_through_saved_yaml(tmp_path: Path):
         ("train.max_steps=0", "train.max_steps"),
         ("noequals", "key=value"),
         ("branches=[S,X]", "branches"),
+        ("model.init_depth=200", "model.init_depth"),
+        ("model.pose_translation_scale=0", "model.pose_translation_scale"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, fragment: str):

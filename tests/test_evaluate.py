@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,14 +70,20 @@ def test_protocol_presets():
     assert evaluation_mask(gt, PROTOCOLS["dense"]).all()
 
 
-def test_median_scaling_auto_only_for_monocular_u_alone():
+def test_median_scaling_auto_only_for_a_u_without_metric_signal():
+    """auto: S and the fusion never; U when nothing metric reached it (no stereo, no S→U distillation)."""
     cfg = Config()
-    assert not needs_median_scaling(cfg, "auto")
+    assert [needs_median_scaling(cfg, "auto", o) for o in ("S", "U", "fused")] == [False, False, False]
+    for direction, scaled in (("both", False), ("u_from_s", False), ("s_from_u", True), ("none", True)):
+        cfg.loss.distill_direction = direction
+        assert needs_median_scaling(cfg, "auto", "U") is scaled, direction
+        assert not needs_median_scaling(cfg, "auto", "S")
+    cfg.loss.distill_direction = "both"
     cfg.branches = ("U",)
-    assert needs_median_scaling(cfg, "auto")
+    assert needs_median_scaling(cfg, "auto", "U")
     cfg.data.use_stereo = True
-    assert not needs_median_scaling(cfg, "auto")
-    assert needs_median_scaling(cfg, "on") and not needs_median_scaling(Config(), "off")
+    assert not needs_median_scaling(cfg, "auto", "U")
+    assert needs_median_scaling(cfg, "on", "S") and not needs_median_scaling(Config(), "off", "U")
 
 
 def test_fusion_formula():
@@ -114,8 +119,8 @@ def test_inference_resizes_in_and_out():
 def test_known_answers_and_saved_predictions(tmp_path):
     gt = _gt()
     models = {"S": ScaledTruth(gt, 1.0, 0.9), "U": ScaledTruth(gt, 2.0, 0.5)}
-    settings = EvalSettings(PROTOCOLS["dense"], ("S", "U", "fused"), median_scaling=False,
-                            save_predictions=tmp_path / "pred")
+    settings = EvalSettings(PROTOCOLS["dense"], ("S", "U", "fused"),
+                            median_scaling={"S": False, "U": False, "fused": False}, save_predictions=tmp_path / "pred")
     records = evaluate_stream(models, [_batch(gt)], settings, torch.device("cpu"))
     by = {(r["key"], r["output"]): r for r in records}
     assert len(records) == 6
@@ -131,7 +136,7 @@ def test_known_answers_and_saved_predictions(tmp_path):
         again = depth_metrics(saved, target, mask)
         assert all(again[m].item() == pytest.approx(by[(key, output)][m], rel=1e-9) for m in METRIC_NAMES)
     # Median scaling on makes the 2x prediction perfect and reports the ratio.
-    settings = EvalSettings(PROTOCOLS["dense"], ("U",), median_scaling=True)
+    settings = EvalSettings(PROTOCOLS["dense"], ("U",), median_scaling={"U": True})
     (r, _) = evaluate_stream(models, [_batch(gt)], settings, torch.device("cpu"))
     assert r["abs_rel"] < 1e-6 and r["scale"] == pytest.approx(0.5)
 
@@ -140,7 +145,7 @@ def test_eigen_protocol_uses_lidar_and_crop():
     gt = _gt(1, 40, 80)
     lidar = torch.zeros_like(gt)
     lidar[..., 30, 10:70:7] = 12.0  # a few LiDAR points inside the crop rows
-    settings = EvalSettings(PROTOCOLS["eigen"], ("S",), median_scaling=False)
+    settings = EvalSettings(PROTOCOLS["eigen"], ("S",), median_scaling={"S": False})
     models = {"S": ScaledTruth(torch.full_like(gt, 12.0), 1.0, 1.0)}
     (record,) = evaluate_stream(models, [_batch(gt, sparse=lidar)], settings, torch.device("cpu"))
     cols = [c for c in range(10, 70, 7) if int(0.03594771 * 80) <= c < int(0.96405229 * 80)]
@@ -181,9 +186,10 @@ def test_checkpoint_report_has_every_metric_for_both_branches(run_dir, bundled_s
                "--batch-size", "3"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "median scaling off (auto)" in printed and "AbsRel" in printed
+    assert "median scaling S off, U off, fused off (auto)" in printed and "AbsRel" in printed
     report = json.loads(out.read_text())
-    assert report["outputs"] == ["S", "U", "fused"] and report["median_scaling"] == {"mode": "auto", "applied": False}
+    assert report["outputs"] == ["S", "U", "fused"] and report["median_scaling"] == {
+        "mode": "auto", "applied": {"S": False, "U": False, "fused": False}}
     for branch in ("S", "U", "fused"):
         mean = report["mean"][branch]
         assert all(isinstance(mean[m], float) and math.isfinite(mean[m]) for m in METRIC_NAMES + ("ause", "aurg"))
@@ -215,6 +221,6 @@ def test_missing_checkpoint_is_a_clear_error_and_protocol_is_reported(run_dir, b
     assert main(["evaluate", "--checkpoint", str(run_dir), "--shards", str(bundled_shards / "val" / "shard-000000.tar"),
                  "--branch", "U", "--median-scaling", "on", "--protocol", "eigen", "--json", str(tmp_path / "u.json")]) == 0
     report = json.loads((tmp_path / "u.json").read_text())
-    assert report["outputs"] == ["U"] and report["median_scaling"]["applied"]
+    assert report["outputs"] == ["U"] and report["median_scaling"]["applied"] == {"U": True}
     assert report["protocol"] == {"name": "eigen", "ground_truth": "depth.png", "garg_crop": True,
                                   "min_depth": 1e-3, "max_depth": 80.0}

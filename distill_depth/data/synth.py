@@ -36,7 +36,7 @@ from PIL import Image
 from distill_depth.data.kitti import encode_depth
 from distill_depth.data.synth_calib import Rig, SynthError, write_calibration
 from distill_depth.data.synth_scene import build_scene, trajectory
-from distill_depth.data.synth_sensors import render_camera, scan_lidar
+from distill_depth.data.synth_sensors import DEFAULT_BEAMS, render_camera, scan_lidar
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 96, 320
 DEFAULT_AZIMUTH_STEPS = 2000  # HDL-64E at 10 Hz: ~0.18° between firings
@@ -81,6 +81,7 @@ def generate_drive(
     seed: int,
     index: int,
     azimuth_steps: int = DEFAULT_AZIMUTH_STEPS,
+    beams: int = DEFAULT_BEAMS,
 ) -> Path:
     """Render one drive into ``drive_dir`` (written into a temporary folder, renamed when complete)."""
     rng = np.random.default_rng([int(seed), int(index)])
@@ -110,7 +111,7 @@ def generate_drive(
             _write_depth_png(folders[f"gt_0{camera}"] / f"{name}.png", depth)
             if camera == 2:
                 camera2_poses.append(T_scene_cam)
-        points = scan_lidar(scene, velo_poses[frame], azimuth_steps)
+        points = scan_lidar(scene, velo_poses[frame], azimuth_steps, beams=beams)
         (folders["velodyne"] / f"{name}.bin").write_bytes(points.tobytes())
     world_from_scene = np.linalg.inv(camera2_poses[0])
     lines = [" ".join(f"{v:.12e}" for v in (world_from_scene @ pose)[:3].ravel()) for pose in camera2_poses]
@@ -119,9 +120,9 @@ def generate_drive(
     return drive_dir
 
 
-def _generate_drive_job(job: tuple[str, int, int, int, int, int, int]) -> str:
-    drive_dir, height, width, frames, seed, index, azimuth_steps = job
-    return str(generate_drive(Path(drive_dir), Rig(height, width), frames, seed, index, azimuth_steps))
+def _generate_drive_job(job: tuple[str, int, int, int, int, int, int, int]) -> str:
+    drive_dir, height, width, frames, seed, index, azimuth_steps, beams = job
+    return str(generate_drive(Path(drive_dir), Rig(height, width), frames, seed, index, azimuth_steps, beams))
 
 
 def generate(
@@ -133,6 +134,7 @@ def generate(
     width: int = DEFAULT_WIDTH,
     *,
     azimuth_steps: int = DEFAULT_AZIMUTH_STEPS,
+    beams: int = DEFAULT_BEAMS,
     date: str | None = None,
     workers: int = 1,
     overwrite: bool = False,
@@ -140,11 +142,11 @@ def generate(
 ) -> list[Path]:
     """Write ``drives`` synthetic drives of ``frames`` frames under ``out/DATE``; returns the drive folders.
 
-    Deterministic for (drives' index, frames, seed, height, width, azimuth_steps). An existing drive
+    Deterministic for (drives' index, frames, seed, height, width, azimuth_steps, beams). An existing drive
     folder is an error unless ``overwrite``.
     """
     for name, value, low in (("drives", drives, 1), ("frames", frames, 1), ("height", height, 8), ("width", width, 8),
-                             ("azimuth_steps", azimuth_steps, 16), ("workers", workers, 1)):
+                             ("azimuth_steps", azimuth_steps, 16), ("beams", beams, 1), ("workers", workers, 1)):
         if int(value) != value or value < low:
             raise SynthError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
     date = date_for_seed(seed) if date is None else date
@@ -163,7 +165,8 @@ def generate(
     for d in existing:
         shutil.rmtree(d)
     jobs = [
-        (str(d), rig.height, rig.width, frames, seed, index + 1, azimuth_steps) for index, d in enumerate(drive_dirs)
+        (str(d), rig.height, rig.width, frames, seed, index + 1, azimuth_steps, beams)
+        for index, d in enumerate(drive_dirs)
     ]
     start = time.perf_counter()
     if workers == 1:
@@ -193,6 +196,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"image width (default {DEFAULT_WIDTH})")
     parser.add_argument("--azimuth-steps", type=int, default=DEFAULT_AZIMUTH_STEPS,
                         help=f"LiDAR firings per revolution (default {DEFAULT_AZIMUTH_STEPS})")
+    parser.add_argument("--beams", type=int, default=DEFAULT_BEAMS,
+                        help=f"LiDAR beams over the HDL-64E's +2..-24.8 degrees (default {DEFAULT_BEAMS}; "
+                             "fewer = sparser LiDAR)")
     parser.add_argument("--date", default=None, help="date folder name (default from --seed)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one drive each (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace drives that already exist")
@@ -204,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         drive_dirs = generate(
             args.out, args.drives, args.frames, args.seed, args.height, args.width,
-            azimuth_steps=args.azimuth_steps, date=args.date, workers=args.workers,
+            azimuth_steps=args.azimuth_steps, beams=args.beams, date=args.date, workers=args.workers,
             overwrite=args.overwrite, progress=True,
         )
     except SynthError as error:

@@ -1,4 +1,4 @@
-"""Sensors of the synthetic rig: pinhole cameras and a 64-beam spinning LiDAR, by ray casting."""
+"""Sensors of the synthetic rig: pinhole cameras and a spinning LiDAR (64 beams, or fewer), by ray casting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 
 from distill_depth.data import synth_scene as sc
 
-LIDAR_ELEVATIONS_DEG = (2.0, -24.8)  # HDL-64E vertical field of view, 64 beams evenly spread
+LIDAR_ELEVATIONS_DEG = (2.0, -24.8)  # HDL-64E vertical field of view, the beams evenly spread
+DEFAULT_BEAMS = 64
 LIDAR_MAX_RANGE = 80.0
 CAMERA_FAR = 250.0  # beyond: no depth (uint16 metres×256 tops out at 256 m); the fog hides it
 AMBIENT, DIFFUSE = 0.6, 0.55
@@ -87,10 +88,18 @@ def render_camera(
     return image, depth
 
 
+def lidar_elevations(beams: int = DEFAULT_BEAMS) -> np.ndarray:
+    """(beams,) elevations in radians, descending, evenly over the HDL-64E's +2°..−24.8°.
+
+    Fewer beams over the same field of view give a sparser scan (a 16- or 32-beam sensor, as in
+    studies of how depth quality falls with LiDAR density)."""
+    return np.deg2rad(np.linspace(*LIDAR_ELEVATIONS_DEG, beams))
+
+
 @functools.lru_cache(maxsize=4)
-def lidar_directions(azimuth_steps: int) -> np.ndarray:
-    """(64, A, 3) unit beam directions in the Velodyne frame; azimuth column j at −π + 2π(j + ½)/A."""
-    elevation = np.deg2rad(np.linspace(*LIDAR_ELEVATIONS_DEG, 64))
+def lidar_directions(azimuth_steps: int, beams: int = DEFAULT_BEAMS) -> np.ndarray:
+    """(beams, A, 3) unit beam directions in the Velodyne frame; azimuth column j at −π + 2π(j + ½)/A."""
+    elevation = lidar_elevations(beams)
     azimuth = -np.pi + 2 * np.pi * (np.arange(azimuth_steps) + 0.5) / azimuth_steps
     el, az = np.meshgrid(elevation, azimuth, indexing="ij")
     directions = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], axis=-1)
@@ -99,7 +108,7 @@ def lidar_directions(azimuth_steps: int) -> np.ndarray:
 
 
 def lidar_regions(
-    scene: sc.Scene, T_scene_velo: np.ndarray, azimuth_steps: int, max_range: float
+    scene: sc.Scene, T_scene_velo: np.ndarray, azimuth_steps: int, max_range: float, beams: int = DEFAULT_BEAMS
 ) -> list[tuple[int, slice, slice]]:
     """Azimuth columns each box may cover (exact: a convex box's azimuths span its corners')."""
     origin = T_scene_velo[:3, 3]
@@ -114,7 +123,7 @@ def lidar_regions(
     r_max = np.hypot(np.maximum(np.abs(lo[:, 0]), np.abs(hi[:, 0])), np.maximum(np.abs(lo[:, 1]), np.abs(hi[:, 1])))
     el_top = np.arctan2(hi[:, 2], np.where(hi[:, 2] > 0, r_min, r_max)) + tilt
     el_bottom = np.arctan2(lo[:, 2], np.where(lo[:, 2] < 0, r_min, r_max)) - tilt
-    elevations = np.deg2rad(np.linspace(*LIDAR_ELEVATIONS_DEG, 64))  # descending
+    elevations = lidar_elevations(beams)  # descending
     first_beam = np.searchsorted(-elevations, -el_top, side="left")  # first beam with elevation <= el_top
     last_beam = np.searchsorted(-elevations, -el_bottom, side="right")  # past the last one >= el_bottom
     # Azimuth interval: a convex box's azimuths (seen from above) span its corners'.
@@ -138,16 +147,20 @@ def lidar_regions(
 
 
 def scan_lidar(
-    scene: sc.Scene, T_scene_velo: np.ndarray, azimuth_steps: int, max_range: float = LIDAR_MAX_RANGE
+    scene: sc.Scene,
+    T_scene_velo: np.ndarray,
+    azimuth_steps: int,
+    max_range: float = LIDAR_MAX_RANGE,
+    beams: int = DEFAULT_BEAMS,
 ) -> np.ndarray:
     """(n, 4) float32 points x, y, z, reflectance in the Velodyne frame (returns within ``max_range``)."""
-    beams_velo = lidar_directions(azimuth_steps)
+    beams_velo = lidar_directions(azimuth_steps, beams)
     directions = beams_velo @ T_scene_velo[:3, :3].T
     origin = T_scene_velo[:3, 3]
-    regions = lidar_regions(scene, T_scene_velo, azimuth_steps, max_range)
-    t, obj, axis = sc.cast(scene, origin, directions, regions, max_range)
+    regions = lidar_regions(scene, T_scene_velo, azimuth_steps, max_range, beams)
+    t, obj, _ = sc.cast(scene, origin, directions, regions, max_range)
     hit = np.flatnonzero((t <= max_range).ravel())
-    t_hit, obj_hit, axis_hit = t.ravel()[hit], obj.ravel()[hit], axis.ravel()[hit]
+    t_hit, obj_hit = t.ravel()[hit], obj.ravel()[hit]
     points_scene = origin + t_hit[:, None] * directions.reshape(-1, 3)[hit]
     reflectance = sc.surface_reflectance(scene, points_scene, obj_hit)
     points_velo = t_hit[:, None] * beams_velo.reshape(-1, 3)[hit]

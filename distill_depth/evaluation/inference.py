@@ -151,13 +151,18 @@ def fusion_aligns_u(cfg: Config) -> bool:
     return not cfg.data.use_stereo
 
 
-def needs_median_scaling(cfg: Config, mode: str) -> bool:
-    """Median scaling decision: ``on``/``off`` as asked; ``auto`` = on only for a model without any
-    metric signal, i.e. U trained alone (``branches == ["U"]``) without stereo."""
+def needs_median_scaling(cfg: Config, mode: str, output: str) -> bool:
+    """Median scaling of one output (``S``, ``U`` or ``fused``): ``on``/``off`` as asked; ``auto`` =
+    on only for a network without any metric signal: U trained without stereo and without S's
+    depth distilled into it (U alone, or ``loss.distill_direction`` none / s_from_u). S learns
+    metres from LiDAR; the fusion takes S's scale."""
     if mode == "on":
         return True
     if mode == "off":
         return False
     if mode != "auto":
         raise ValueError(f"median scaling must be auto, on or off, got {mode!r}")
-    return tuple(cfg.branches) == ("U",) and not cfg.data.use_stereo
+    if output != "U" or cfg.data.use_stereo:
+        return False
+    taught_by_s = "S" in cfg.branches and cfg.loss.distill_direction in ("both", "u_from_s")
+    return not taught_by_s

@@ -29,7 +29,8 @@ class EvalSettings:
     protocol: Protocol
     outputs: tuple[str, ...]
     """What is evaluated, in order: "S", "U" and/or "fused" (fused needs models S and U)."""
-    median_scaling: bool
+    median_scaling: dict[str, bool]
+    """Per output: whether its depth is median-scaled to the ground truth (per image)."""
     flip_tta: bool = False
     input_size: tuple[int, int] | None = None
     """Network input ``(H, W)`` (the training size); None: the image's size rounded up to ×32."""
@@ -73,7 +74,7 @@ def evaluate_batch(models: dict[str, DepthBranch], batch: Batch, settings: EvalS
     records: list[dict] = []
     for name, (depth, confidence) in _predict_outputs(models, batch.image, settings).items():
         final, ratio = prepare_prediction(
-            depth, gt, mask, settings.protocol, median_scaling=settings.median_scaling
+            depth, gt, mask, settings.protocol, median_scaling=settings.median_scaling[name]
         )
         confidence = resize_map(confidence, tuple(gt.shape[-2:]))
         metrics = depth_metrics(final, gt, mask)

@@ -57,9 +57,14 @@ def decoder_channels(reduction: int) -> int:
 class SkipDecoder(nn.Module):
     """Coarse-to-fine decoder: at each level conv+ELU, nearest ×2 upsample, concat the encoder skip of
     that resolution (when the encoder has one), conv+ELU. Heads at 1, 1/2, 1/4, 1/8 (``num_scales``).
+
+    ``initial_disp``: the sigmoid disparity every disparity head starts around (its bias is the
+    logit of it); ``None`` keeps the default bias (σ ≈ 0.5: ~0.2 m with the default depth range).
     """
 
-    def __init__(self, channels: list[int], reductions: list[int], num_scales: int) -> None:
+    def __init__(
+        self, channels: list[int], reductions: list[int], num_scales: int, initial_disp: float | None = None
+    ) -> None:
         super().__init__()
         if num_scales < 1 or 2 ** (num_scales - 1) > reductions[-1]:
             raise ValueError(f"model.num_scales={num_scales} does not fit an encoder of reductions {reductions}")
@@ -80,6 +85,8 @@ class SkipDecoder(nn.Module):
             if r in self.head_levels:
                 self.disp_heads[str(r)] = Head(out_ch)
                 self.conf_heads[str(r)] = Head(out_ch)
+                if initial_disp is not None:
+                    nn.init.constant_(self.disp_heads[str(r)][0].bias, math.log(initial_disp / (1.0 - initial_disp)))
             in_ch = out_ch
 
     def forward(self, features: list[Tensor], image_size: tuple[int, int]) -> tuple[list[Tensor], list[Tensor]]:
@@ -107,6 +114,7 @@ class DepthNet(nn.Module):
     confidence, each (B, 1, ⌈H/2^s⌉, ⌈W/2^s⌉); index 0 is full resolution.
 
     Encoder: ``cfg.encoder`` from timm (``features_only``), initialised per ``cfg.pretrained``.
+    Disparity heads start around ``cfg.init_depth`` metres (``None``: σ ≈ 0.5, i.e. ~0.2 m).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -116,7 +124,10 @@ class DepthNet(nn.Module):
         self.encoder = create_encoder(cfg.encoder, cfg.pretrained, cfg.weights, in_chans=3)
         self.normalize = InputNormalize(self.encoder)
         info = self.encoder.feature_info
-        self.decoder = SkipDecoder(list(info.channels()), list(info.reduction()), cfg.num_scales)
+        initial_disp = None
+        if cfg.init_depth is not None:
+            initial_disp = float(depth_to_disp(torch.tensor(cfg.init_depth), cfg.min_depth, cfg.max_depth))
+        self.decoder = SkipDecoder(list(info.channels()), list(info.reduction()), cfg.num_scales, initial_disp)
 
     def forward(self, image: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         features = self.encoder(self.normalize(image))

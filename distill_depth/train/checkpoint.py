@@ -4,7 +4,7 @@ Layout of ``{output_dir}/checkpoints/step_{N:08d}/``::
 
     S/model.safetensors  S/optimizer.pt  S/scheduler.pt  [S/scaler.pt]   (S group's first rank)
     U/...                                                                 (U group's first rank)
-    rng/rank_{r:05d}.pt     torch / cuda / numpy / python RNG of every rank
+    rng/rank_{r:05d}.pt     torch / cuda / numpy / python RNG of every rank + its branches' streams
     state.json              step, data position (epoch, batch in epoch), placement
     config.yaml             the resolved config
     COMPLETE                written last
@@ -20,14 +20,12 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_model, save_model
@@ -35,6 +33,7 @@ from torch import nn
 
 from distill_depth.config import Config, config_from_dict, save_config
 from distill_depth.train.distributed import barrier
+from distill_depth.train.rng import BranchStreams, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +86,6 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -113,8 +97,12 @@ def save_checkpoint(
     cfg: Config,
     placement: dict[str, Any],
     keep_last: int,
+    streams: BranchStreams | None = None,
 ) -> Path:
-    """Collective: every rank calls it at the same step. Returns the final folder."""
+    """Collective: every rank calls it at the same step. Returns the final folder.
+
+    ``streams``: the per-branch random streams of this rank, saved beside its global RNG state.
+    """
     final = checkpoint_dir(output_dir, step)
     tmp = final.parent / f".tmp_{final.name}"
     if rank == 0:
@@ -132,7 +120,10 @@ def save_checkpoint(
     for branch in branches:
         if branch.engine is not None:  # every rank of the group writes its ZeRO shard
             branch.engine.save_checkpoint(str(tmp / branch.name / "deepspeed"), tag="state")
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    rng = rng_state()
+    if streams is not None:
+        rng["branches"] = streams.state_dict()
+    torch.save(rng, tmp / "rng" / f"rank_{rank:05d}.pt")
     barrier()
     if rank == 0:
         state = {"step": step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
@@ -164,8 +155,11 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return found[-1]
 
 
-def load_checkpoint(path: Path, branches: list[BranchState], rank: int, device: torch.device) -> tuple[int, DataPosition]:
-    """Restore this rank's branches, optimisers and RNG; returns (step, data position)."""
+def load_checkpoint(
+    path: Path, branches: list[BranchState], rank: int, device: torch.device, streams: BranchStreams | None = None
+) -> tuple[int, DataPosition]:
+    """Restore this rank's branches, optimisers and RNG (global, and ``streams`` when given);
+    returns (step, data position)."""
     state = json.loads((path / "state.json").read_text())
     for branch in branches:
         folder = path / branch.name
@@ -181,7 +175,13 @@ def load_checkpoint(path: Path, branches: list[BranchState], rank: int, device: 
             branch.scaler.load_state_dict(_load(folder / "scaler.pt", device))
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"
     if rng_file.is_file() and state.get("world") is not None:
-        set_rng_state(_load(rng_file, torch.device("cpu")))
+        saved = _load(rng_file, torch.device("cpu"))
+        set_rng_state(saved)
+        if streams is not None:
+            try:
+                streams.load_state_dict(saved.get("branches", {}))
+            except KeyError as exc:
+                log.warning("checkpoint %s: %s for rank %d: those branches restart their stream", path, exc.args[0], rank)
     else:
         log.warning("checkpoint %s has no RNG state for rank %d (world changed?): RNG not restored", path, rank)
     return int(state["step"]), DataPosition(int(state["epoch"]), int(state["batch_in_epoch"]))

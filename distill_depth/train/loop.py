@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +29,7 @@ from distill_depth.train.checkpoint import (
 )
 from distill_depth.train.distributed import agree_to_stop, barrier, gather_objects, make_accelerator, wrap_ddp
 from distill_depth.train.optim import build_optimizer, build_scheduler
+from distill_depth.train.rng import BranchStreams, isolated_rng, seed_everything
 from distill_depth.train.signals import StopRequest, Watchdog, requeue_if_slurm, shield_data_workers
 from distill_depth.train.tracking import build_tracker, colorize
 from distill_depth.train.validate import validate
@@ -42,22 +42,6 @@ BRANCH_SEED_OFFSET = {"S": 0, "U": 1}
 
 DUMP_ENV = "DISTILL_DEPTH_DUMP_DIR"
 """Debug aid (used by the tests): each rank writes what it sent/received and its final weights."""
-
-
-@contextlib.contextmanager
-def isolated_rng() -> Iterator[None]:
-    """Run a block without touching the global torch/numpy/python RNG streams.
-
-    Reading data (DataLoader iterator creation draws a seed) must not shift the random numbers of
-    augmentation and point filtering, or a resumed run would differ from an uninterrupted one.
-    """
-    state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state[0])
-        np.random.set_state(state[1])
-        random.setstate(state[2])
 
 
 class BatchSource:
@@ -102,12 +86,6 @@ class BatchSource:
         if closer is not None:
             closer()
         self._iterator = None
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -171,6 +149,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
         scaler = torch.amp.GradScaler(device.type) if cfg.train.mixed_precision == "fp16" else None
         branches[name] = BranchState(name, model, optimizer, scheduler, scaler)
     seed_everything(cfg.train.seed * 1000 + 7919 * (rank + 1))
+    streams = BranchStreams(cfg.train.seed, {n: layout.group_ranks[n].index(rank) for n in branches}, device)
 
     lo, hi = layout.data_slice(rank, cfg.data.batch_size)
     if cfg.train.deepspeed != "none":
@@ -178,7 +157,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     step, position = 0, DataPosition()
     resume_from = resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
-        step, position = load_checkpoint(resume_from, list(branches.values()), rank, device)
+        step, position = load_checkpoint(resume_from, list(branches.values()), rank, device, streams)
         if is_main:
             log.warning("resuming from checkpoint step %d (%s)", step, resume_from)
     wrapped = {
@@ -223,7 +202,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                     predictions = {}
                     for name, model in wrapped.items():
                         t0 = time.perf_counter()
-                        with autocast():
+                        with autocast(), streams.use(name):
                             predictions[name] = model(batch)
                         totals[f"{name}/compute_s"].append(time.perf_counter() - t0)
                     partners = topology.exchange({n: p.for_partner() for n, p in predictions.items()})
@@ -233,7 +212,8 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                         _dump_exchange(dump_dir, rank, step, micro, predictions, partners)
                     for name, state in branches.items():
                         t0 = time.perf_counter()
-                        loss, terms = state.model.loss(batch, predictions[name], partners[name], step)
+                        with streams.use(name):
+                            loss, terms = state.model.loss(batch, predictions[name], partners[name], step)
                         if state.engine is not None:  # DeepSpeed divides by grad_accum and steps at the boundary
                             state.engine.backward(loss.float())
                             state.engine.step()
@@ -285,7 +265,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                     out, step, source.position, list(branches.values()),
                     {n for n in branches if topology.is_group_leader(n)}, rank, world, cfg,
                     {"mode": layout.mode, "ratio": layout.ratio, "branches": list(layout.branches)},
-                    cfg.train.keep_last,
+                    cfg.train.keep_last, streams,
                 )
                 watchdog.beat()
                 if is_main:

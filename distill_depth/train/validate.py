@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from distill_depth.config import Config
+from distill_depth.evaluation.inference import needs_median_scaling
 from distill_depth.metrics import depth_metrics, median_scale, range_mask
 from distill_depth.topology import Topology
 from distill_depth.train.distributed import gather_objects
@@ -28,8 +29,9 @@ def validate(
 ) -> dict[str, float]:
     """``{"val/S/abs_rel": ..., "val/U/a1": ...}`` over the whole val set (collective; result on rank 0).
 
-    Target: ``gt_depth`` when the shards carry it, else the sparse LiDAR depth. U is median-scaled
-    per image when it is monocular-only (no stereo source fixes its scale); S never is. Each
+    Target: ``gt_depth`` when the shards carry it, else the sparse LiDAR depth. A branch is
+    median-scaled per image when it has no metric signal (the rule of ``distill-depth evaluate
+    --median-scaling auto``: U without stereo and without S's depth distilled into it). Each
     branch's val set is split over the ranks of its group, every sample evaluated once.
     """
     from distill_depth.data.stream import eval_batches  # noqa: PLC0415
@@ -49,7 +51,7 @@ def validate(
             depth = depth.float().clamp(1e-3, MAX_VAL_DEPTH)
             target = batch.gt_depth if batch.gt_depth is not None else batch.sparse_depth
             valid = range_mask(target, 1e-3, MAX_VAL_DEPTH)
-            if name == "U" and not cfg.data.use_stereo:
+            if needs_median_scaling(cfg, "auto", name):
                 depth, _ = median_scale(depth, target, valid)
                 depth = depth.clamp(1e-3, MAX_VAL_DEPTH)
             for metric, values in depth_metrics(depth, target, valid).items():

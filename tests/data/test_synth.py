@@ -149,6 +149,32 @@ def test_lidar_scan_looks_like_a_hdl64(drive: Path) -> None:
     assert np.mean(np.abs(steep[:, 2] + VELO_HEIGHT) < 0.05) > 0.7
 
 
+def test_fewer_beams_give_a_sparser_scan_of_the_same_scene(drive: Path, tmp_path: Path) -> None:
+    """``--beams 16``: the same street, cameras and poses; 16 evenly spread elevations over the same
+    field of view, so about a quarter of the points."""
+    (sparse_drive,) = generate(tmp_path, drives=1, frames=FRAMES, seed=SEED, height=HEIGHT, width=WIDTH, beams=16)
+    name = "0000000001"
+    assert (sparse_drive / "image_02/data" / f"{name}.png").read_bytes() == (drive / "image_02/data" / f"{name}.png").read_bytes()
+    dense = kitti.load_velodyne(drive / "velodyne_points/data" / f"{name}.bin").astype(np.float64)
+    sparse = kitti.load_velodyne(sparse_drive / "velodyne_points/data" / f"{name}.bin").astype(np.float64)
+    elevation = np.degrees(np.arcsin(sparse[:, 2] / np.linalg.norm(sparse[:, :3], axis=1)))
+    spacing = (2.0 + 24.8) / 15
+    beam = np.round((2.0 - elevation) / spacing)
+    assert len(np.unique(beam)) == 16 and np.abs(2.0 - beam * spacing - elevation).max() < 0.01
+    assert 0.15 < len(sparse) / len(dense) < 0.35
+    # The region culling stays exact for another beam count.
+    scene = sc.build_scene(np.random.default_rng([SEED, 1]), -120.0, 300.0)
+    pose = np.eye(4)
+    pose[2, 3] = VELO_HEIGHT
+    beams = lidar_directions(360, 16)
+    culled = sc.cast(scene, pose[:3, 3], beams, lidar_regions(scene, pose, 360, LIDAR_MAX_RANGE, 16), LIDAR_MAX_RANGE)
+    full = sc.cast(scene, pose[:3, 3], beams, [(b, slice(0, 16), slice(0, 360)) for b in range(len(scene.kind))],
+                   LIDAR_MAX_RANGE)
+    np.testing.assert_array_equal(culled[0], full[0])
+    with pytest.raises(SynthError, match="--beams"):
+        generate(tmp_path / "y", beams=0)
+
+
 @pytest.mark.parametrize("frame", [0, FRAMES - 1])
 def test_lidar_projection_lands_on_the_dense_ground_truth(drive: Path, frame: int) -> None:
     calib = kitti.load_calibration(drive.parent)

@@ -87,9 +87,19 @@ def test_wrong_weights_file_reports_mismatches(tmp_path: Path) -> None:
     assert str(path) in message and "layer1.0.conv1.weight" in message and "layer2.0.bn1.bias" in message
 
 
-def test_pose_net_shapes_and_small_initial_motion() -> None:
-    torch.manual_seed(0)
-    pose = PoseNet(ModelConfig())
-    axis_angle, translation = pose(torch.rand(2, 3, H, W), torch.rand(2, 3, H, W))
-    assert axis_angle.shape == translation.shape == (2, 3)
-    assert axis_angle.abs().max() < 0.05 and translation.abs().max() < 0.05
+def test_pose_net_starts_at_the_identity_and_scales_translation() -> None:
+    """Exactly zero motion at initialisation; the translation is the head's output times
+    ``model.pose_translation_scale`` (the rotation keeps Monodepth2's 0.01)."""
+    target, source = torch.rand(2, 3, H, W), torch.rand(2, 3, H, W)
+    outputs = {}
+    for scale in (1.0, 0.01):
+        torch.manual_seed(0)
+        pose = PoseNet(ModelConfig(pose_translation_scale=scale)).eval()
+        axis_angle, translation = pose(target, source)
+        assert axis_angle.shape == translation.shape == (2, 3)
+        assert torch.count_nonzero(axis_angle) == torch.count_nonzero(translation) == 0
+        torch.nn.init.normal_(pose.head[-1].weight, std=0.1)
+        outputs[scale] = pose(target, source)
+    torch.testing.assert_close(outputs[0.01][1], outputs[1.0][1] * 0.01)
+    torch.testing.assert_close(outputs[0.01][0], outputs[1.0][0])
+    assert outputs[1.0][1].abs().max() > 100 * outputs[1.0][0].abs().max() / 2

@@ -13,19 +13,11 @@ from safetensors.torch import load_file
 
 from distill_depth.train.checkpoint import complete_checkpoints
 
-from train_procs import REFERENCE_STEPS, ReferenceRun, launch, tiny_overrides, wait_for_log, wait_for_step
+from train_procs import REFERENCE_STEPS, ReferenceRun, launch, loss_terms, tiny_overrides, wait_for_log, wait_for_step
 
 pytestmark = pytest.mark.slow
 
 STEPS = REFERENCE_STEPS
-
-
-def _loss_terms(metrics: list[dict]) -> dict[int, dict[str, float]]:
-    """Per step, the branch terms (timings and throughput left out: they are wall-clock)."""
-    return {
-        m["step"]: {k: v for k, v in m.items() if k[:2] in ("S/", "U/") and not k.endswith("_s")}
-        for m in metrics if "S/loss" in m
-    }
 
 
 def test_signal_on_one_rank_stops_all_and_resume_is_exact(reference_run: ReferenceRun, tiny_shards: Path,
@@ -53,7 +45,7 @@ def test_signal_on_one_rank_stops_all_and_resume_is_exact(reference_run: Referen
     assert f"resuming from checkpoint step {stopped_at}" in resumed.logs[0].read_text()
     assert reference_run.codes == [0], whole.tail()
 
-    reference, after = _loss_terms(whole.metrics()), _loss_terms(cut.metrics())
+    reference, after = loss_terms(whole.metrics()), loss_terms(cut.metrics())
     assert sorted(after) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert after[step] == reference[step], f"step {step}: {after[step]} != {reference[step]}"

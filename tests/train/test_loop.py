@@ -12,7 +12,7 @@ from train_procs import Run, launch
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 12
 LOGGED_KEYS = ("S/loss", "S/sup_nll", "U/loss", "U/photo_nll", "S/lr", "U/lr", "samples_per_s",
                "time/exchange_s", "time/wait_s", "val/S/abs_rel", "val/U/a1", "images/S/depth", "images/U/confidence")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_procs import REFERENCE_STEPS, ReferenceRun, launch, tiny_overrides
+from train_procs import REFERENCE_STEPS, ReferenceRun, launch, loss_terms, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +70,25 @@ def test_four_ranks_replicas_agree_and_groups_stay_apart(tiny_shards: Path, tmp_
     exchanges = {r: _load(dump, f"exchange_rank{r}_step0_0.pt") for r in range(4)}
     keys = {r: exchanges[r]["received"][next(iter(exchanges[r]["received"]))]["keys"] for r in range(4)}
     assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
+
+
+def test_colocated_equals_split(reference_run: ReferenceRun, tiny_shards: Path, tmp_path: Path) -> None:
+    """The same config on one process (both branches colocated) and on two ranks (S | U, the
+    reference run): every logged loss term of every step and the final weights are identical.
+    Each branch draws its augmentation and held-out pixels from its own stream, so placement
+    changes nothing but speed."""
+    assert reference_run.codes == [0], reference_run.run.tail()
+    dump, out = tmp_path / "dump", tmp_path / "run"
+    run = launch(1, tiny_overrides(tiny_shards, out, REFERENCE_STEPS), out, DISTILL_DEPTH_DUMP_DIR=str(dump))
+    assert run.wait() == [0], run.tail()
+    assert "placement: colocated" in run.logs[0].read_text()
+    colocated, split = loss_terms(run.metrics()), loss_terms(reference_run.run.metrics())
+    assert sorted(colocated) == sorted(split) == list(range(1, REFERENCE_STEPS + 1))
+    assert colocated[1]["S/distill_weight"] == 0.0 < colocated[REFERENCE_STEPS]["S/distill_weight"]
+    for step in colocated:
+        assert colocated[step] == split[step], f"step {step}: {colocated[step]} != {split[step]}"
+    together = _load(dump, "weights_rank0.pt")
+    apart = {"S": _load(reference_run.dump, "weights_rank0.pt")["S"], "U": _load(reference_run.dump, "weights_rank1.pt")["U"]}
+    for name in ("S", "U"):
+        for key, value in together[name].items():
+            assert torch.equal(value, apart[name][key]), f"{name}.{key}"

@@ -48,6 +48,14 @@ def tiny_overrides(shards: Path, out: Path, steps: int, *extra: str) -> list[str
     ]
 
 
+def loss_terms(metrics: list[dict]) -> dict[int, dict[str, float]]:
+    """Per step, the branch terms of ``metrics.jsonl`` rows (timings and throughput left out: wall-clock)."""
+    return {
+        m["step"]: {k: v for k, v in m.items() if k[:2] in ("S/", "U/") and not k.endswith("_s")}
+        for m in metrics if "S/loss" in m
+    }
+
+
 @dataclass
 class Run:
     procs: list[subprocess.Popen]

@@ -1,0 +1,80 @@
+"""The fidelity benchmark (benchmarks/fidelity.py): its aggregation, and one real miniature run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = importlib.util.spec_from_file_location("fidelity", REPO / "benchmarks" / "fidelity.py")
+fidelity = importlib.util.module_from_spec(SPEC)
+sys.modules["fidelity"] = fidelity  # dataclasses look their module up while the file runs
+SPEC.loader.exec_module(fidelity)
+
+
+def _seed_result(s_abs_rel: float | None, u_abs_rel_ms: float | None) -> dict:
+    auto, ms = {}, {}
+    if s_abs_rel is not None:
+        auto["S"] = {"abs_rel": s_abs_rel, "rmse": 2.0, "a1": 0.5}
+        ms["S"] = {"abs_rel": s_abs_rel - 0.01}
+    if u_abs_rel_ms is not None:
+        auto["U"] = {"abs_rel": u_abs_rel_ms + (0.2 if s_abs_rel is None else 0.1), "rmse": 3.0, "a1": 0.4}
+        ms["U"] = {"abs_rel": u_abs_rel_ms}
+    return {"auto": auto, "ms": ms, "median_scaling": {b: b == "U" and s_abs_rel is None for b in auto}}
+
+
+def test_means_over_seeds_and_paired_differences() -> None:
+    per_seed = {
+        "sup_only": {0: _seed_result(0.30, None), 1: _seed_result(0.20, None)},
+        "self_only": {0: _seed_result(None, 0.50), 1: _seed_result(None, 0.40)},
+        "mutual": {0: _seed_result(0.25, 0.30), 1: _seed_result(0.21, 0.35)},
+    }
+    results = {run: fidelity.summarize(seeds) for run, seeds in per_seed.items()}
+    assert results["sup_only"]["auto"]["S"]["abs_rel"] == pytest.approx(0.25)
+    assert results["sup_only"]["auto_std"]["S"]["abs_rel"] == pytest.approx(0.0707107, rel=1e-5)
+    assert results["mutual"]["ms"]["U"]["abs_rel"] == pytest.approx(0.325)
+    diffs = fidelity.paired_differences(results, per_seed)
+    assert set(diffs) == {"mutual"}
+    assert diffs["mutual"]["S"]["per_seed"] == pytest.approx([-0.05, 0.01])
+    assert diffs["mutual"]["U"]["per_seed"] == pytest.approx([-0.20, -0.05])
+    # U-only is monocular here (median-scaled): U is compared median-scaled; S in metres.
+    assert diffs["mutual"]["U"]["vs"] == "self_only" and "median-scaled" in diffs["mutual"]["U"]["metric"]
+    assert diffs["mutual"]["S"]["metric"] == "abs_rel"
+    results["self_only"]["median_scaling"] = {"U": False}  # a stereo U-only is metric: compared in metres
+    assert fidelity.paired_differences(results, per_seed)["mutual"]["U"]["per_seed"] == pytest.approx([-0.30, -0.15])
+    table = fidelity.format_table(results)
+    header, _, sup, self_, mutual = table.splitlines()
+    assert "S AbsRel" in header and "U AbsRel(ms)" in header
+    assert "0.2500" in sup and sup.count("-") >= 7  # no U columns for S-only
+    assert "0.3250" in mutual and "0.2300" in mutual and "0.4250" in mutual
+    assert "per seed -0.0500, +0.0100" in fidelity.format_differences(diffs)
+
+
+@pytest.mark.slow
+def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
+    """Two real runs for 3 steps on fresh synthetic data: S-only and one-way (S teaches U; S learns
+    nothing from U). S trains on the same random numbers in both, so its metrics are identical
+    and the paired difference is exactly 0; the JSON and the table hold every run."""
+    work = tmp_path / "work"
+    command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "sup_only,one_way",
+               "--steps", "3", "--work", str(work)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads((work / "fidelity.json").read_text())
+    assert report["plan"]["steps"] == 3 and report["plan"]["beams"] == 22 and not report["errors"]
+    sup, one_way = report["runs"]["sup_only"], report["runs"]["one_way"]
+    assert set(sup["auto"]) == {"S"} and set(one_way["auto"]) == {"S", "U", "fused"}
+    assert one_way["auto"]["S"] == sup["auto"]["S"] and one_way["ms"]["S"] == sup["ms"]["S"]
+    assert report["paired_differences"]["one_way"]["S"]["per_seed"] == [0.0]
+    assert one_way["median_scaling"] == {"S": False, "U": False, "fused": False}  # U learned metres from S
+    assert "one_way" in result.stdout and "S +0.0000 vs sup_only" in result.stdout
+    # A second call reuses the data and the finished runs.
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "'train_s'" not in again.stdout
