@@ -1,6 +1,6 @@
 """Fidelity benchmark: does mutual distillation beat the single branches on our synthetic data?
 
-    python benchmarks/fidelity.py --quick          # ~5 min on an idle 2-core CPU: S-only, U-only, mutual
+    python benchmarks/fidelity.py --quick          # ~3.5 min on an idle 2-core CPU: S-only, U-only, mutual
     python benchmarks/fidelity.py                  # ~30 min: + the ablations
     python benchmarks/fidelity.py --seeds 0,1,2 --jobs 2 --runs mutual,sup_only --steps 600 --work /tmp/fid
 

@@ -16,6 +16,7 @@ from distill_depth.augment import AugmentedView, build_augmenter
 from distill_depth.config import Config
 from distill_depth.geometry import pose_from_axis_angle, warp_to_target
 from distill_depth.losses import (
+    aligns_u_scale,
     distill,
     distill_ramp,
     photometric,
@@ -162,7 +163,7 @@ class SupervisedBranch(_Branch):
                 )
             sup = torch.stack(sup_terms).mean()
             pf = torch.stack(pf_terms).mean()
-            align = {"on": True, "off": False}.get(loss_cfg.scale_align, not self.cfg.data.use_stereo)
+            align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.use_stereo)
             distill_term, weight = self._distill_term(prediction, partner, step, align)
             total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
             conf0 = prediction.confidence[0].float()

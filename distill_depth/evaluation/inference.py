@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from distill_depth.config import Config
-from distill_depth.losses.distill import median_scale
+from distill_depth.losses.distill import aligns_u_scale, median_scale
 
 NETWORK_MULTIPLE = 32
 """Input sides must be multiples of this (five stride-2 stages of the encoder)."""
@@ -144,11 +144,7 @@ def fuse(
 
 def fusion_aligns_u(cfg: Config) -> bool:
     """Whether :func:`fuse` rescales U to S's median: the training rule of ``loss.scale_align``."""
-    if cfg.loss.scale_align == "on":
-        return True
-    if cfg.loss.scale_align == "off":
-        return False
-    return not cfg.data.use_stereo
+    return aligns_u_scale(cfg.loss.scale_align, cfg.data.use_stereo)
 
 
 def needs_median_scaling(cfg: Config, mode: str, output: str) -> bool:

@@ -1,7 +1,7 @@
 """The loss terms of METHOD.md, one function each; every one runs in fp32 even under autocast."""
 
 from distill_depth.losses.common import confidence_nll, masked_mean, upsample
-from distill_depth.losses.distill import distill, distill_ramp, median_scale
+from distill_depth.losses.distill import aligns_u_scale, distill, distill_ramp, median_scale
 from distill_depth.losses.photometric import photometric, photometric_error, self_confidence_nll, smoothness
 from distill_depth.losses.supervised import (
     depth_error,
@@ -14,6 +14,7 @@ from distill_depth.losses.supervised import (
 )
 
 __all__ = [
+    "aligns_u_scale",
     "confidence_nll",
     "depth_error",
     "distill",

@@ -20,6 +20,12 @@ def distill_ramp(step: int, max_steps: int, lambda_d: float, warmup: float) -> f
     return float(lambda_d) * min(1.0, max(0.0, step / warmup_steps))
 
 
+def aligns_u_scale(scale_align: str, use_stereo: bool) -> bool:
+    """Whether L_s<-u rescales U's depth by k (``loss.scale_align``): ``on``/``off`` as set;
+    ``auto`` = on when U trains without the stereo partner (monocular: no metric scale of its own)."""
+    return {"on": True, "off": False}.get(scale_align, not use_stereo)
+
+
 def _valid_depth(depth: Tensor) -> Tensor:
     return finite(depth) & (depth > 0)
 

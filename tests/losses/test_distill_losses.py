@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill_depth.losses import distill, distill_ramp, median_scale
+from distill_depth.losses import aligns_u_scale, distill, distill_ramp, median_scale
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,3 +118,13 @@ def test_ramp_values() -> None:
     assert distill_ramp(10, 1000, 1.0, 40) == pytest.approx(0.25)
     # no warm-up: full weight at once
     assert distill_ramp(0, 1000, 0.5, 0.0) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("scale_align", "use_stereo", "expected"),
+    [("auto", False, True), ("auto", True, False), ("on", True, True), ("off", False, False)],
+)
+def test_u_scale_is_aligned_only_when_u_has_no_metric_scale_unless_forced(
+    scale_align: str, use_stereo: bool, expected: bool
+) -> None:
+    assert aligns_u_scale(scale_align, use_stereo) is expected
