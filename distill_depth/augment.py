@@ -8,7 +8,9 @@
   resized crop (area fraction in ``crop_scale``, the image's aspect ratio, output H×W) and a small
   rotation about the image centre. Geometry is applied identically to the image, its sources and
   the sparse depth; sparse depth is never interpolated (each LiDAR pixel moves to its rounded new
-  location, the nearest point wins a collision).
+  location, the nearest point wins a collision). A zoom by m divides the LiDAR values by m
+  (``zoom_depth: scale``, Eigen et al.'s scale augmentation), and the view remembers m so that
+  the prediction is multiplied back on its way to the canonical frame.
 
 Geometry is one 3×3 matrix per sample, ``canonical_to_aug``, acting on 0-based pixel-centre
 coordinates (see ``distill_depth.geometry``): ``q = R_c · F · C · p`` (crop/scale C, flip F,
@@ -109,6 +111,9 @@ class AugmentedView:
     flipped: (B,) bool, samples that were mirrored.
     canonical_to_aug: (B, 3, 3) pixel-centre map canonical → augmented at (H, W); ``None`` when
         the geometry is flip-only (then ``flipped`` says everything, and inversion is exact).
+    depth_to_canonical: (B,) factor from a depth in the augmented view to the canonical one: the
+        zoom's magnification m under ``augment.zoom_depth: scale`` (``sparse_depth`` holds D*/m),
+        ``None`` when depth values are unchanged.
     """
 
     image: Tensor
@@ -120,6 +125,7 @@ class AugmentedView:
     stereo_T: Tensor | None
     flipped: Tensor | None = None
     canonical_to_aug: Tensor | None = None
+    depth_to_canonical: Tensor | None = None
     params: dict[str, Tensor] = field(default_factory=dict)
     """Sampled per-sample parameters (for logging and tests): ``flip``, ``crop_scale``, ``angle_deg``..."""
 
@@ -162,6 +168,8 @@ class Augmenter(nn.Module):
             raise AugmentError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
         if not 0.0 <= cfg.rotation_deg < 90.0:
             raise AugmentError(f"augment.rotation_deg must be in [0, 90), got {cfg.rotation_deg}")
+        if cfg.zoom_depth not in ("scale", "keep"):
+            raise AugmentError(f"augment.zoom_depth must be 'scale' or 'keep', got {cfg.zoom_depth!r}")
         self.strength = strength
         self.cfg = cfg
         j = cfg.jitter
@@ -256,9 +264,14 @@ class Augmenter(nn.Module):
                 matrix = matrix.to(device)
                 geometric = lambda x: _sample_at(x.float(), aug_to_canonical)[0]  # noqa: E731
                 sparse = move_sparse_depth(batch.sparse_depth.float(), matrix)
+                depth_to_canonical = None
+                if self.cfg.zoom_depth == "scale" and self.cfg.crop_scale[0] < 1.0:
+                    # magnification m = 1/side: the zoomed view shows the scene as if m times closer
+                    depth_to_canonical = params["crop_scale"].rsqrt().to(device)
+                    sparse = sparse / depth_to_canonical.view(-1, 1, 1, 1)
                 K = self._augment_intrinsics(batch.K, params, W) if self.cfg.rotation_deg == 0 else None
             else:
-                matrix = None  # flip only: exact mirror, no resampling
+                matrix, depth_to_canonical = None, None  # flip only: exact mirror, no resampling
                 geometric = lambda x: _flip_where(x.float(), flipped)  # noqa: E731
                 sparse = _flip_where(batch.sparse_depth.float(), flipped)
                 K = flip_intrinsics(batch.K.float(), W, flipped)
@@ -278,6 +291,7 @@ class Augmenter(nn.Module):
             stereo_T=stereo_T,
             flipped=flipped,
             canonical_to_aug=matrix,
+            depth_to_canonical=depth_to_canonical,
             params=params,
         )
 

@@ -62,10 +62,13 @@ class _Branch(nn.Module):
         depths = [self.depth_net.to_depth(d) for d in disps]
         confs = [c.float() for c in confs]
         canonical, valid = view.to_canonical(torch.cat([depths[0], confs[0]], dim=1))
+        canonical_depth = canonical[:, :1]
+        if view.depth_to_canonical is not None:
+            canonical_depth = canonical_depth * view.depth_to_canonical.view(-1, 1, 1, 1)
         return Prediction(
             depth=depths,
             confidence=confs,
-            canonical_depth=canonical[:, :1],
+            canonical_depth=canonical_depth,
             canonical_confidence=canonical[:, 1:2],
             canonical_valid=valid,
             keys=list(batch.keys),
@@ -135,6 +138,13 @@ class SupervisedBranch(_Branch):
         """Augment (train mode only), predict per scale, map full resolution back to the canonical frame."""
         return self._predict_depth(self.augmenter(batch), batch)
 
+    @staticmethod
+    def _labelled(batch: Batch, sparse: Tensor) -> Tensor:
+        """(B,) bool: samples whose LiDAR supervises S (all of them when the batch does not say)."""
+        if batch.labelled is None:
+            return torch.ones(sparse.shape[0], dtype=torch.bool, device=sparse.device)
+        return batch.labelled.to(sparse.device)
+
     def loss(
         self, batch: Batch, prediction: Prediction, partner: PartnerPrediction | None, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -148,10 +158,15 @@ class SupervisedBranch(_Branch):
         device_type = view.sparse_depth.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             loss_cfg = self.cfg.loss
-            sparse = view.sparse_depth.float()
+            labelled = self._labelled(batch, view.sparse_depth)
+            per_pixel = labelled.view(-1, 1, 1, 1)
+            # an unlabelled sample's LiDAR (if a caller left any) is no supervision: L_sup' and the
+            # held-out L_pf then skip it by construction; the prior variant acts on pixels *without*
+            # LiDAR, so it is told which samples count
+            sparse = torch.where(per_pixel, view.sparse_depth.float(), torch.zeros_like(view.sparse_depth.float()))
             lidar = lidar_mask(sparse)
             fit, held = split_held_out(lidar, loss_cfg.pf_fraction if loss_cfg.point_filtering == "held_out" else 0.0)
-            image_valid = torch.ones_like(lidar)
+            image_valid = per_pixel.expand_as(lidar)
             sup_terms, pf_terms = [], []
             for _, depth, conf in self._scaled_maps(prediction, tuple(sparse.shape[-2:])):
                 sup_terms.append(sup_confidence_nll(depth, conf, sparse, fit, loss_cfg.tau_s, loss_cfg.rho))
@@ -175,6 +190,7 @@ class SupervisedBranch(_Branch):
                 "conf_mean": conf0.mean(),
                 "conf_lidar_mean": masked_mean(conf0, lidar),
                 "lidar_fraction": lidar.float().mean(),
+                "labelled_share": labelled.float().mean(),
             }
         return total, {k: v.detach().float() for k, v in terms.items()}
 

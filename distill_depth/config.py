@@ -42,6 +42,14 @@ class DataConfig:
     """Samples per epoch across all cells; ``None`` takes the manifest's count."""
     use_stereo: bool = False
     """Use the stereo partner (``stereo.jpg``) as a third source for branch U ("MS" training)."""
+    labelled_fraction: float = 1.0
+    """Share of training samples that keep their LiDAR (the semi-supervised regime): a sample is
+    labelled when a hash of ``(label_seed, key)`` falls below it, so the subset is identical on every
+    rank, after resume and for any world size. The others train S only through L_s<-u. Samples
+    already unlabelled in the shards (``make-shards --keep-unlabelled``) stay unlabelled.
+    Validation and evaluation always read every label."""
+    label_seed: int = 0
+    """Seed of the labelled subset (another seed, another subset of the same size)."""
 
 
 @dataclass
@@ -110,7 +118,13 @@ class AugmentConfig:
     jitter: float = 0.2
     """Brightness/contrast/saturation jitter of the weak set (hue is half of it)."""
     crop_scale: tuple[float, float] = (0.7, 1.0)
-    """Area range of S's random resized crop."""
+    """Area range of S's random resized crop (a zoom by 1/sqrt(area) at the same output size)."""
+    zoom_depth: Literal["scale", "keep"] = "scale"
+    """What S's zoom does to depth. ``scale``: the LiDAR target is divided by the magnification m
+    and S's prediction is multiplied by m on its way back to the canonical frame (Eigen et al.'s
+    scale augmentation: a zoomed image looks like a scene m times closer, both by apparent size
+    and by the ground plane's row). ``keep``: LiDAR values unchanged (the pre-0.2 behaviour: S is
+    taught that the same apparent size means different depths)."""
     rotation_deg: float = 5.0
     """Maximum absolute rotation of S, degrees."""
 
@@ -359,6 +373,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"branches: expected a non-empty subset of [S, U], got {list(cfg.branches)}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if not 0.0 <= cfg.data.labelled_fraction <= 1.0:
+        raise ConfigError(f"data.labelled_fraction must be in [0, 1], got {cfg.data.labelled_fraction}")
     if cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
     if cfg.train.grad_accum < 1:

@@ -26,6 +26,8 @@ class Batch:
     keys: sample keys ``{drive}_{side}_{frame:010d}``, one per batch element.
     gt_depth: ``(B, 1, H, W)`` dense or improved ground truth, metres, 0 = none (optional).
     stereo_T: ``(B, 4, 4)`` rigid transform with ``X_stereo = stereo_T @ X_target`` (optional).
+    labelled: ``(B,)`` bool, samples whose ``sparse_depth`` is supervision (``None``: all are);
+        an unlabelled sample's ``sparse_depth`` is all zeros.
     """
 
     image: Tensor
@@ -35,6 +37,7 @@ class Batch:
     keys: list[str]
     gt_depth: Tensor | None = None
     stereo_T: Tensor | None = None
+    labelled: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -50,6 +53,7 @@ class Batch:
             K=move(self.K),
             gt_depth=move(self.gt_depth),
             stereo_T=move(self.stereo_T),
+            labelled=move(self.labelled),
         )
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -64,6 +68,7 @@ class Batch:
             keys=self.keys[start:stop],
             gt_depth=cut(self.gt_depth),
             stereo_T=cut(self.stereo_T),
+            labelled=cut(self.labelled),
         )
 
 

@@ -108,7 +108,7 @@ def test_sparse_depth_is_moved_never_interpolated() -> None:
     torch.manual_seed(3)
     sparse = _sparse(4)
     image = _coordinate_image(4)
-    view = _augmenter("strong", crop_scale=(0.6, 0.9), rotation_deg=5.0)(_batch(image, sparse=sparse))
+    view = _augmenter("strong", crop_scale=(0.6, 0.9), rotation_deg=5.0, zoom_depth="keep")(_batch(image, sparse=sparse))
     moved = view.sparse_depth
     values = moved[moved > 0]
     assert values.numel() > 0.4 * (sparse > 0).sum()
@@ -128,6 +128,27 @@ def test_sparse_depth_is_moved_never_interpolated() -> None:
         (ov, ou) = [(vv, uu) for _, _, vv, uu in torch.nonzero(sparse[b : b + 1] == d).tolist()][0]
         shown = view.clean_image[b, :2, v, u] * torch.tensor([W - 1, H - 1])
         assert (shown - torch.tensor([ou, ov])).abs().max() <= 0.75  # rounding ≤ 0.5 px per axis, ×1/side
+
+
+def test_zoom_divides_lidar_depth_by_the_magnification() -> None:
+    """``zoom_depth: scale``: the same pixels as ``keep``, values divided by m = 1/sqrt(area), and
+    the view carries m back (a flip-only view carries nothing)."""
+    sparse, image = _sparse(4), _coordinate_image(4)
+    views = {}
+    for mode in ("keep", "scale"):
+        torch.manual_seed(5)
+        views[mode] = _augmenter("strong", crop_scale=(0.6, 0.9), rotation_deg=3.0, zoom_depth=mode)(
+            _batch(image, sparse=sparse))
+    keep, scale = views["keep"], views["scale"]
+    assert keep.depth_to_canonical is None
+    m = scale.depth_to_canonical
+    assert torch.allclose(m, scale.params["crop_scale"].rsqrt()) and (m > 1.05).all() and (m < 1.3).all()
+    assert torch.equal(scale.sparse_depth > 0, keep.sparse_depth > 0)
+    assert torch.allclose(scale.sparse_depth * m.view(-1, 1, 1, 1), keep.sparse_depth, rtol=1e-6)
+    assert _augmenter("strong", crop_scale=(1.0, 1.0), rotation_deg=3.0)(_batch(image, sparse=sparse)).depth_to_canonical is None
+    assert _augmenter("weak")(_batch(image, sparse=sparse)).depth_to_canonical is None
+    with pytest.raises(AugmentError, match="zoom_depth"):
+        _augmenter("strong", zoom_depth="stretch")
 
 
 def _scene_batch(batch_size: int) -> tuple[Batch, torch.Tensor]:
@@ -156,7 +177,8 @@ def test_weak_augmentation_keeps_warping_exact_on_a_synthetic_scene() -> None:
 def test_crop_scale_augmentation_keeps_intrinsics_consistent_on_a_synthetic_scene() -> None:
     torch.manual_seed(5)
     batch, depth = _scene_batch(4)
-    view = _augmenter("strong", crop_scale=(0.5, 0.8), rotation_deg=0.0)(batch)
+    # keep: the view is a photo taken with the augmented K, depth unchanged (what U's warping needs)
+    view = _augmenter("strong", crop_scale=(0.5, 0.8), rotation_deg=0.0, zoom_depth="keep")(batch)
     assert view.K is not None and 0 < view.flipped.sum() < 4
     # the augmented image IS a photo of the (mirrored) scene taken with the augmented K
     rendered, rendered_depth = render_plane(view.K, torch.eye(4), H, W, mirror=view.flipped.cpu())

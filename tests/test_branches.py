@@ -282,9 +282,13 @@ def test_supervised_branch_overfits() -> None:
     torch.manual_seed(0)
     batch = synthetic_batch(2, 32, 96)
     branch = build_branch("S", Config()).train()
-    history = _train(branch, batch, steps=30, lr=1e-3)
-    assert history[-1]["sup_nll"] < 0.85 * history[0]["sup_nll"]
-    assert history[-1]["total"] < 0.85 * history[0]["total"]
+    history = _train(branch, batch, steps=50, lr=1e-3)
+    # means over the first 3 and last 5 steps: each step draws a new zoom (and, with
+    # augment.zoom_depth=scale, a new depth target D*/m), so a single step is noisy
+    start = {k: sum(h[k] for h in history[:3]) / 3 for k in ("sup_nll", "total")}
+    end = {k: sum(h[k] for h in history[-5:]) / 5 for k in ("sup_nll", "total")}
+    assert end["sup_nll"] < 0.85 * start["sup_nll"]
+    assert end["total"] < 0.85 * start["total"]
 
 
 def test_self_supervised_branch_overfits_and_beats_constant_depth() -> None:

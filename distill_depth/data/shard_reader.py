@@ -17,7 +17,8 @@ from pathlib import Path
 
 import braceexpand
 
-REQUIRED_ENTRIES = ("rgb.jpg", "prev.jpg", "next.jpg", "depth.png", "json")
+REQUIRED_ENTRIES = ("rgb.jpg", "prev.jpg", "next.jpg", "json")
+"""Entries every sample has; ``depth.png`` too, except on samples whose json says ``"labelled": false``."""
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) whose sha256 matched
 
 
@@ -177,6 +178,8 @@ def read_pieces(urls: list[str], pieces: list[tuple[int, int, int]],
             for member in members:
                 sample[_key_and_entry(member.name)[1]] = tar.extractfile(member).read()
             missing = [e for e in REQUIRED_ENTRIES if e not in sample]
+            if "depth.png" not in sample and "json" in sample and decode_json(sample["json"]).get("labelled", True):
+                missing.append("depth.png")
             if missing:
                 raise ShardError(f"{url}: sample {sample['__key__']} lacks {missing} (incomplete or truncated shard)")
             return sample

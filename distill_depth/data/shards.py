@@ -2,7 +2,7 @@
 
 One sample per target frame, key ``{drive}_{side}_{frame:010d}``; entries ``rgb.jpg``,
 ``prev.jpg``, ``next.jpg``, ``stereo.jpg`` (with ``--stereo``), ``depth.png`` (Eigen LiDAR
-projection, uint16 metres×256), ``gt.png`` (when the tree has ``proj_depth/groundtruth``) and
+projection, uint16 metres×256; absent on unlabelled samples, json ``"labelled": false``), ``gt.png`` (when the tree has ``proj_depth/groundtruth``) and
 ``json``. Shards are written in parallel, each as ``.tar.tmp`` + fsync + rename, and
 ``manifest.json`` last, so a folder with a manifest is always complete.
 """
@@ -51,6 +51,7 @@ class FrameJob:
     root: str
     entry: SplitEntry
     missing: tuple[str, ...] = ()  # neighbours replaced by the target (--keep-edge-frames only)
+    labelled: bool = True  # False: no velodyne scan, written without depth.png (--keep-unlabelled only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,13 +80,15 @@ def entries_from_drives(root: Path, pattern: str, sides: str) -> list[SplitEntry
 
 def plan_frames(root: Path, entries: list[SplitEntry], stereo: bool,
                 where: dict[SplitEntry, str] | None = None,
-                keep_edge_frames: bool = False) -> tuple[list[FrameJob], Counter]:
+                keep_edge_frames: bool = False, keep_unlabelled: bool = False) -> tuple[list[FrameJob], Counter]:
     """Jobs for the frames that can be written, and the count of skipped frames per reason.
 
     A missing drive or target image is an error (the split names something that is not there);
     a frame at the edge of a drive or without a scan is skipped and counted. With
     ``keep_edge_frames`` (evaluation splits: Eigen test holds frame 0 of many drives) a frame
-    without a neighbour is kept, the target standing in for the missing neighbour.
+    without a neighbour is kept, the target standing in for the missing neighbour. With
+    ``keep_unlabelled`` (semi-supervised training) a frame without a scan becomes an unlabelled
+    sample instead of being skipped.
     """
     where = where or {}
     jobs, skipped = [], Counter()
@@ -106,10 +109,12 @@ def plan_frames(root: Path, entries: list[SplitEntry], stereo: bool,
                         if not kitti.image_path(root, entry.drive_path, entry.camera, entry.frame + d).is_file())
         if missing and not keep_edge_frames:
             skipped["no_neighbours"] += 1
-        elif not kitti.velodyne_path(root, entry.drive_path, entry.frame).is_file():
-            skipped["no_lidar"] += 1
-        else:
+        elif kitti.velodyne_path(root, entry.drive_path, entry.frame).is_file():
             jobs.append(FrameJob(str(root), entry, missing))
+        elif keep_unlabelled:
+            jobs.append(FrameJob(str(root), entry, missing, labelled=False))
+        else:
+            skipped["no_lidar"] += 1
     return jobs, skipped
 
 
@@ -185,8 +190,9 @@ def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
         )
     out_hw = options.out_hw or orig_hw
     sample = {f"{name}.jpg": _jpeg(image, out_hw, options.jpeg_quality) for name, image in images.items()}
-    scan = kitti.load_velodyne(kitti.velodyne_path(root, entry.drive_path, entry.frame))
-    sample["depth.png"] = _png16(kitti.project_velodyne(scan, calib, camera, orig_hw, out_hw))
+    if job.labelled:
+        scan = kitti.load_velodyne(kitti.velodyne_path(root, entry.drive_path, entry.frame))
+        sample["depth.png"] = _png16(kitti.project_velodyne(scan, calib, camera, orig_hw, out_hw))
     gt_path = kitti.groundtruth_path(root, entry.drive_path, camera, entry.frame)
     if gt_path.is_file():
         gt = kitti.read_depth_png(gt_path)
@@ -202,6 +208,8 @@ def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
         "side": entry.side,
         "orig_hw": list(orig_hw),
     }
+    if not job.labelled:
+        meta["labelled"] = False  # absent = labelled, so labelled shards keep their exact bytes
     if job.missing:
         meta["missing_neighbours"] = list(job.missing)  # prev/next.jpg hold the target itself
     if options.stereo:
@@ -255,13 +263,13 @@ def _write_json_atomic(path: Path, value: dict) -> None:
 def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options: ShardOptions,
                 samples_per_shard: int, workers: int, split_info: dict,
                 where: dict[SplitEntry, str] | None = None, progress: bool = True,
-                keep_edge_frames: bool = False) -> dict:
+                keep_edge_frames: bool = False, keep_unlabelled: bool = False) -> dict:
     """Write the shards and the manifest; returns the manifest."""
     from tqdm import tqdm
 
     if (out_dir / "manifest.json").exists():
         raise KittiDataError(f"{out_dir / 'manifest.json'}: output folder already holds shards; choose another --out")
-    jobs, skipped = plan_frames(root, entries, options.stereo, where, keep_edge_frames)
+    jobs, skipped = plan_frames(root, entries, options.stereo, where, keep_edge_frames, keep_unlabelled)
     if not jobs:
         raise KittiDataError(f"{root}: no frame can be written (skipped: {dict(skipped) or 'none'})")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,11 +311,12 @@ def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options
         "stereo": options.stereo,
         "jpeg_quality": options.jpeg_quality,
         "entries": ["rgb.jpg", "prev.jpg", "next.jpg"] + (["stereo.jpg"] if options.stereo else [])
-        + ["depth.png", "gt.png (when the source has proj_depth/groundtruth)", "json"],
+        + ["depth.png (labelled samples)", "gt.png (when the source has proj_depth/groundtruth)", "json"],
         "split": split_info,
         "source": {"kitti_root": str(root.resolve()), "tool": "distill-depth make-shards"},
         "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
         "kept_without_neighbours": sum(1 for job in jobs if job.missing),
+        "unlabelled": sum(1 for job in jobs if not job.labelled),
         "shards": records,
     }
     _write_json_atomic(out_dir / "manifest.json", manifest)
@@ -334,6 +343,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-edge-frames", action="store_true",
                         help="evaluation splits: keep frames lacking t-1/t+1 (the target stands in for the "
                              "missing neighbour, json 'missing_neighbours' says which); never for training")
+    parser.add_argument("--keep-unlabelled", action="store_true",
+                        help="semi-supervised training: frames without a velodyne scan become samples without "
+                             "depth.png (json 'labelled': false, counted in the manifest's 'unlabelled')")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -363,14 +375,15 @@ def run(args: argparse.Namespace) -> int:
         manifest = make_shards(root, Path(args.out), entries, options=options,
                                samples_per_shard=args.samples_per_shard, workers=args.workers,
                                split_info=split_info, where=where, progress=not args.no_progress,
-                               keep_edge_frames=args.keep_edge_frames)
+                               keep_edge_frames=args.keep_edge_frames, keep_unlabelled=args.keep_unlabelled)
     except KittiDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     skipped = manifest["skipped"]
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}"
           + (f" ({manifest['kept_without_neighbours']} without a temporal neighbour, kept)"
-             if manifest["kept_without_neighbours"] else ""))
+             if manifest["kept_without_neighbours"] else "")
+          + (f" ({manifest['unlabelled']} unlabelled: no LiDAR scan)" if manifest["unlabelled"] else ""))
     print(f"skipped {sum(skipped.values())} frames: "
           + ", ".join(f"{n} {reason} ({SKIP_REASONS[reason]})" for reason, n in skipped.items()))
     return 0

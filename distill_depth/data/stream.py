@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.autodecode import Decoder, DecodingError, handle_extension
 
 from distill_depth.data.kitti import DEPTH_PNG_SCALE
+from distill_depth.data.labels import in_label_subset
 from distill_depth.data.shard_reader import (
     ShardError,
     ShardSet,
@@ -81,11 +82,16 @@ def _build_decoder() -> Decoder:
 
 
 class _SampleDecoder:
-    """Raw sample → tensors; ``use_stereo``: True requires stereo.jpg, False drops it, None keeps it."""
+    """Raw sample → tensors; ``use_stereo``: True requires stereo.jpg, False drops it, None keeps it.
 
-    def __init__(self, use_stereo: bool | None) -> None:
+    Samples outside the label subset (``labelled_fraction``/``label_seed``, see
+    :mod:`distill_depth.data.labels`) lose their ``depth.png`` before decoding.
+    """
+
+    def __init__(self, use_stereo: bool | None, labelled_fraction: float = 1.0, label_seed: int = 0) -> None:
         self.decoder = _build_decoder()
         self.use_stereo = use_stereo
+        self.labelled_fraction, self.label_seed = labelled_fraction, label_seed
 
     def __call__(self, raw: dict) -> dict:
         if self.use_stereo and "stereo.jpg" not in raw:
@@ -93,6 +99,8 @@ class _SampleDecoder:
                              "shards made with make-shards --stereo)")
         if self.use_stereo is False:
             raw.pop("stereo.jpg", None)
+        if not in_label_subset(raw["__key__"], self.labelled_fraction, self.label_seed):
+            raw.pop("depth.png", None)
         try:
             sample = self.decoder(raw)
         except DecodingError as error:
@@ -115,7 +123,9 @@ def collate(samples: list[dict]) -> dict:
     for entry, name in IMAGE_ENTRIES.items():
         if entry in samples[0]:
             out[name] = torch.stack([s[entry] for s in samples])
-    out["sparse_depth"] = torch.stack([s["depth.png"] for s in samples])
+    no_depth = torch.zeros(1, *out["image"].shape[-2:])
+    out["labelled"] = torch.tensor(["depth.png" in s for s in samples])
+    out["sparse_depth"] = torch.stack([s.get("depth.png", no_depth) for s in samples])
     if any("gt.png" in s for s in samples):
         zeros = torch.zeros_like(out["sparse_depth"][0])
         out["gt_depth"] = torch.stack([s.get("gt.png", zeros) for s in samples])
@@ -137,6 +147,7 @@ def to_batch(raw: dict) -> Batch:
         keys=raw["keys"],
         gt_depth=raw.get("gt_depth"),
         stereo_T=raw.get("stereo_T"),
+        labelled=raw.get("labelled"),
     )
 
 
@@ -185,7 +196,7 @@ class _TrainEpoch(IterableDataset):
         order = list(range(len(s.shards.urls)))
         random.Random(f"shards-{s.seed}-{self.epoch}").shuffle(order)
         pieces = sequence_pieces(s.counts, order, lo, hi)
-        decode = _SampleDecoder(s.use_stereo)
+        decode = _SampleDecoder(s.use_stereo, s.labelled_fraction, s.label_seed)
 
         def raw_samples() -> Iterator[dict]:
             for pass_index in itertools.count():
@@ -216,7 +227,7 @@ class TrainStream:
 
     def __init__(self, spec: str, batch_size: int, data_rank: int, data_world: int, *, num_workers: int = 1,
                  seed: int = 0, samples_per_epoch: int | None = None, use_stereo: bool = False,
-                 shuffle_buffer: int = 64) -> None:
+                 shuffle_buffer: int = 64, labelled_fraction: float = 1.0, label_seed: int = 0) -> None:
         if not 0 <= data_rank < data_world:
             raise ValueError(f"data_rank {data_rank} outside data_world {data_world}")
         if batch_size < 1:
@@ -230,6 +241,7 @@ class TrainStream:
         self.batch_size, self.data_rank, self.data_world = batch_size, data_rank, data_world
         self.num_workers, self.seed, self.use_stereo = num_workers, seed, use_stereo
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.labelled_fraction, self.label_seed = labelled_fraction, label_seed
         self.num_workers_effective = max(1, num_workers)
         per_epoch = samples_per_epoch or self.num_samples
         rank_batches = math.ceil(per_epoch / (batch_size * data_world))
