@@ -169,3 +169,32 @@ def test_moving_cars_move_by_their_own_velocity_plus_ego_motion(tmp_path: Path) 
         assert np.median(static) > 3 * np.median(own) and np.mean(static < 0.01) < 0.8 * np.mean(own < 0.01)
         checked += len(z)
     assert checked > 100
+
+
+def test_make_shards_carries_the_region_labels(clean: Path, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from distill_depth.cli import main
+
+    root = clean.parent.parent
+    for name, size in (("native", []), ("half", ["--height", "32", "--width", "96"])):
+        out = tmp_path / name
+        assert main(["make-shards", "--kitti-root", str(root), "--out", str(out), "--no-progress", "--workers", "1",
+                     *size]) == 0
+        members = {}
+        for shard in sorted(out.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+        labelled = sorted(k for k in members if k.endswith(".regions.png"))
+        assert labelled and len(labelled) == sum(k.endswith(".json") for k in members)
+        key = labelled[0][: -len(".regions.png")]
+        frame = int(key.rsplit("_", 1)[1])
+        stored = np.asarray(Image.open(io.BytesIO(members[labelled[0]])))
+        expected = regions.resample_labels(_labels(clean, frame), (32, 96) if size else (H, W))
+        np.testing.assert_array_equal(stored, expected)
+    plain = _drive(tmp_path / "plain").parent.parent  # a tree without labels gives shards without the entry
+    assert main(["make-shards", "--kitti-root", str(plain), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    for shard in (tmp_path / "p").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            assert not any(m.name.endswith(".regions.png") for m in tar.getmembers())
