@@ -26,6 +26,7 @@ class Batch:
     keys: sample keys ``{drive}_{side}_{frame:010d}``, one per batch element.
     gt_depth: ``(B, 1, H, W)`` dense or improved ground truth, metres, 0 = none (optional).
     stereo_T: ``(B, 4, 4)`` rigid transform with ``X_stereo = stereo_T @ X_target`` (optional).
+    regions: ``(B, 1, H, W)`` uint8 region bitmask (``distill_depth.data.regions``), at gt_depth's size (optional).
     """
 
     image: Tensor
@@ -35,6 +36,7 @@ class Batch:
     keys: list[str]
     gt_depth: Tensor | None = None
     stereo_T: Tensor | None = None
+    regions: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -50,6 +52,7 @@ class Batch:
             K=move(self.K),
             gt_depth=move(self.gt_depth),
             stereo_T=move(self.stereo_T),
+            regions=move(self.regions),
         )
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -64,6 +67,7 @@ class Batch:
             keys=self.keys[start:stop],
             gt_depth=cut(self.gt_depth),
             stereo_T=cut(self.stereo_T),
+            regions=cut(self.regions),
         )
 
 
