@@ -198,3 +198,13 @@ def test_make_shards_carries_the_region_labels(clean: Path, tmp_path: Path) -> N
     for shard in (tmp_path / "p").glob("*.tar"):
         with tarfile.open(shard) as tar:
             assert not any(m.name.endswith(".regions.png") for m in tar.getmembers())
+
+
+def test_bad_failure_mode_values_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from distill_depth.cli import main
+
+    for flag, value, message in (("--moving-objects", "-1", "--moving-objects must be an integer >= 0"),
+                                 ("--lidar-noise", "-0.1", "--lidar-noise must be a standard deviation")):
+        assert main(["synth", "--out", str(tmp_path / "x"), flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
