@@ -20,6 +20,7 @@ from distill_depth.evaluation.report import (
     format_table,
     per_image_table,
     summarize,
+    summarize_regions,
     write_json,
 )
 from distill_depth.evaluation.runner import FUSED, EvalSettings, evaluate_stream
@@ -51,6 +52,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None, help="network input height (default: training size)")
     parser.add_argument("--width", type=int, default=None, help="network input width (default: training size)")
     parser.add_argument("--per-image", action="store_true", help="also print the per-image table")
+    parser.add_argument("--regions", action="store_true",
+                        help="also every metric per region of the shards' regions.png (synthetic trees with "
+                             "failure modes): table per output, and 'regions' in --json")
 
 
 def _outputs(choice: str, trained: tuple[str, ...]) -> tuple[str, ...]:
@@ -116,6 +120,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
             align_u_scale=fusion_aligns_u(cfg),
             save_predictions=args.save_predictions,
             save_images=args.save_images,
+            regions=bool(getattr(args, "regions", False)),
         )
         batches = eval_batches(args.shards, args.batch_size, info.rank, info.world, num_workers=args.num_workers)
         records = evaluate_stream(models, batches, settings, info.device)
@@ -144,6 +149,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
         "num_images": len({r["key"] for r in gathered}),
         "outputs": list(outputs),
         "mean": summarize(gathered, outputs),
+        **({"regions": summarize_regions(gathered, outputs)} if settings.regions else {}),
         "per_image": gathered,
     }
 
@@ -164,6 +170,11 @@ def print_report(report: dict[str, Any], per_image: bool = False, file: Any = No
         print(file=file)
     names = report["outputs"]
     print(format_table(names, [report["mean"][n] for n in names], METRIC_NAMES + CONFIDENCE_NAMES), file=file)
+    for name, per_region in report.get("regions", {}).items():
+        print(f"\nper region, output {name} (absent: no valid ground-truth pixel in any image)", file=file)
+        rows = [{"images": row["num_images"], **({c: "absent" for c in METRIC_NAMES + CONFIDENCE_NAMES} if row["absent"] else row)}
+                for row in per_region.values()]
+        print(format_table(list(per_region), rows, ("images",) + METRIC_NAMES + CONFIDENCE_NAMES), file=file)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ class Batch:
     stereo_T: ``(B, 4, 4)`` rigid transform with ``X_stereo = stereo_T @ X_target`` (optional).
     labelled: ``(B,)`` bool, samples whose ``sparse_depth`` is supervision (``None``: all are);
         an unlabelled sample's ``sparse_depth`` is all zeros.
+    regions: ``(B, 1, H, W)`` uint8 region bitmask (``distill_depth.data.regions``), at gt_depth's size (optional).
     """
 
     image: Tensor
@@ -38,6 +39,7 @@ class Batch:
     gt_depth: Tensor | None = None
     stereo_T: Tensor | None = None
     labelled: Tensor | None = None
+    regions: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -54,6 +56,7 @@ class Batch:
             gt_depth=move(self.gt_depth),
             stereo_T=move(self.stereo_T),
             labelled=move(self.labelled),
+            regions=move(self.regions),
         )
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -69,6 +72,7 @@ class Batch:
             gt_depth=cut(self.gt_depth),
             stereo_T=cut(self.stereo_T),
             labelled=cut(self.labelled),
+            regions=cut(self.regions),
         )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import subprocess
 import sys
@@ -224,3 +225,79 @@ def test_missing_checkpoint_is_a_clear_error_and_protocol_is_reported(run_dir, b
     assert report["outputs"] == ["U"] and report["median_scaling"]["applied"] == {"U": True}
     assert report["protocol"] == {"name": "eigen", "ground_truth": "depth.png", "garg_crop": True,
                                   "min_depth": 1e-3, "max_depth": 80.0}
+
+
+def test_regions_report_every_metric_per_region_and_absent_regions(tmp_path):
+    from distill_depth.data.regions import REGION_BITS
+    from distill_depth.evaluation.report import summarize_regions
+
+    gt = _gt()
+    labels = torch.zeros(gt.shape, dtype=torch.uint8)
+    labels[:, :, :16] |= REGION_BITS["moving"]  # rows 0..3 have no ground truth: partly valid
+    labels[:, :, :4] |= REGION_BITS["above_top_beam"]  # only on sky: absent
+    labels[0, :, 20:, :10] |= REGION_BITS["textureless"]  # in image 0 only
+    batch = replace(_batch(gt), regions=labels)
+    models = {"U": ScaledTruth(gt * (1 + torch.rand(gt.shape, generator=torch.Generator().manual_seed(1))), 1.0, 0.5)}
+    settings = EvalSettings(PROTOCOLS["dense"], ("U",), median_scaling={"U": True}, regions=True,
+                            save_predictions=tmp_path)
+    records = evaluate_stream(models, [batch], settings, torch.device("cpu"))
+    summary = summarize_regions(records, ("U",))["U"]
+    assert summary["above_top_beam"] == {"absent": True, "num_images": 0}
+    assert summary["textureless"]["num_images"] == 1 and summary["moving"]["num_images"] == 2
+    for record in records:
+        i = int(record["key"][-1])
+        saved = torch.from_numpy(np.load(tmp_path / f"{record['key']}_U.npy"))[None, None]
+        for region, bit in REGION_BITS.items():
+            mask = evaluation_mask(gt[i : i + 1], PROTOCOLS["dense"]) & ((labels[i : i + 1] & bit) != 0)
+            assert record["regions"][region]["valid_pixels"] == int(mask.sum())
+            if mask.any():
+                again = depth_metrics(saved, gt[i : i + 1], mask)
+                assert all(again[m].item() == pytest.approx(record["regions"][region][m], rel=1e-9)
+                           for m in METRIC_NAMES)
+    moving = [r["regions"]["moving"]["abs_rel"] for r in records]
+    assert summary["moving"]["abs_rel"] == pytest.approx(sum(moving) / 2)
+    with pytest.raises(EvaluationError, match="regions.png"):
+        evaluate_stream(models, [_batch(gt)], settings, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_evaluate_regions_on_synthetic_shards_matches_saved_predictions(run_dir, tmp_path, capsys):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from distill_depth.cli import main
+    from distill_depth.data.regions import REGION_BITS
+
+    assert main(["synth", "--out", str(tmp_path / "raw"), "--drives", "1", "--frames", "4", "--height", "64",
+                 "--width", "192", "--beams", "22", "--azimuth-steps", "1000", "--moving-objects", "3",
+                 "--lidar-dropout", "--lidar-noise", "0.03", "--textureless"]) == 0
+    assert main(["make-shards", "--kitti-root", str(tmp_path / "raw"), "--out", str(tmp_path / "shards"),
+                 "--no-progress", "--workers", "1"]) == 0
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--shards", str(tmp_path / "shards"), "--protocol",
+                 "dense", "--regions", "--json", str(out), "--save-predictions", str(tmp_path / "pred")]) == 0
+    printed = capsys.readouterr().out
+    assert "per region, output S" in printed and "on_lidar_row" in printed
+    report = json.loads(out.read_text())
+    members = {}
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    for output in report["outputs"]:
+        assert set(report["regions"][output]) == set(REGION_BITS)
+        for region, bit in REGION_BITS.items():
+            values = []
+            for key in sorted({r["key"] for r in report["per_image"]}):
+                gt = np.asarray(Image.open(io.BytesIO(members[f"{key}.gt.png"]))).astype(np.float32) / 256.0
+                labels = np.asarray(Image.open(io.BytesIO(members[f"{key}.regions.png"])))
+                pred = np.load(tmp_path / "pred" / f"{key}_{output}.npy")
+                mask = (gt > 1e-3) & (gt < 80) & ((labels & bit) != 0)
+                if mask.any():
+                    values.append(np.mean(np.abs(pred[mask] - gt[mask]) / gt[mask]))
+            row = report["regions"][output][region]
+            if values:
+                assert row["num_images"] == len(values) and row["abs_rel"] == pytest.approx(np.mean(values), rel=1e-5)
+            else:
+                assert row == {"absent": True, "num_images": 0}

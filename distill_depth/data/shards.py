@@ -2,8 +2,10 @@
 
 One sample per target frame, key ``{drive}_{side}_{frame:010d}``; entries ``rgb.jpg``,
 ``prev.jpg``, ``next.jpg``, ``stereo.jpg`` (with ``--stereo``), ``depth.png`` (Eigen LiDAR
-projection, uint16 metres×256; absent on unlabelled samples, json ``"labelled": false``), ``gt.png`` (when the tree has ``proj_depth/groundtruth``) and
-``json``. Shards are written in parallel, each as ``.tar.tmp`` + fsync + rename, and
+projection, uint16 metres×256; absent on unlabelled samples, json ``"labelled": false``), ``gt.png``
+(when the tree has ``proj_depth/groundtruth``), ``regions.png`` (8-bit region bitmask, bits in
+``distill_depth.data.regions``, when the tree has ``proj_depth/regions``) and ``json``. Shards are
+written in parallel, each as ``.tar.tmp`` + fsync + rename, and
 ``manifest.json`` last, so a folder with a manifest is always complete.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distill_depth.data import kitti
+from distill_depth.data import kitti, regions
 from distill_depth.data.kitti import KittiDataError, SplitEntry
 from distill_depth.data.shard_reader import sha256_file
 
@@ -199,6 +201,15 @@ def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
         if gt.shape != orig_hw:
             raise KittiDataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]}, image is {width}x{height}")
         sample["gt.png"] = _png16(resample_depth(gt, out_hw))
+    labels_path = regions.regions_path(root, entry.drive_path, camera, entry.frame)
+    if labels_path.is_file():  # synthetic trees with failure modes: the region bitmask, 8-bit grayscale
+        labels = np.asarray(Image.open(labels_path))
+        if labels.shape != orig_hw or labels.dtype != np.uint8:
+            raise KittiDataError(f"{labels_path}: region labels must be {width}x{height} 8-bit, "
+                                 f"got {labels.shape[::-1]} {labels.dtype}")
+        buffer = io.BytesIO()
+        Image.fromarray(regions.resample_labels(labels, out_hw)).save(buffer, format="PNG")
+        sample["regions.png"] = buffer.getvalue()
     meta = {
         "K": kitti.intrinsics(calib, camera, orig_hw, out_hw).tolist(),
         "baseline_m": kitti.stereo_baseline(calib),
@@ -311,7 +322,9 @@ def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options
         "stereo": options.stereo,
         "jpeg_quality": options.jpeg_quality,
         "entries": ["rgb.jpg", "prev.jpg", "next.jpg"] + (["stereo.jpg"] if options.stereo else [])
-        + ["depth.png (labelled samples)", "gt.png (when the source has proj_depth/groundtruth)", "json"],
+        + ["depth.png (labelled samples)", "gt.png (when the source has proj_depth/groundtruth)",
+           "regions.png (uint8 region bitmask, distill_depth.data.regions, when the source has proj_depth/regions)",
+           "json"],
         "split": split_info,
         "source": {"kitti_root": str(root.resolve()), "tool": "distill-depth make-shards"},
         "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},

@@ -71,10 +71,20 @@ def decode_jpeg(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+def decode_regions_png(data: bytes) -> torch.Tensor:
+    """8-bit region bitmask PNG → ``(1, H, W)`` uint8 (bits in ``distill_depth.data.regions``)."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 2:
+        raise ValueError(f"regions PNG is {array.dtype} with {array.ndim} dims, expected 8-bit grayscale")
+    return torch.from_numpy(array.copy())[None]
+
+
 def _build_decoder() -> Decoder:
     # 16-bit depth first, so no generic image handler ever sees (and truncates) it
     handlers = [
         handle_extension("depth.png gt.png", decode_depth_png),
+        handle_extension("regions.png", decode_regions_png),
         handle_extension("jpg", decode_jpeg),
         handle_extension("json", decode_json),
     ]
@@ -129,6 +139,9 @@ def collate(samples: list[dict]) -> dict:
     if any("gt.png" in s for s in samples):
         zeros = torch.zeros_like(out["sparse_depth"][0])
         out["gt_depth"] = torch.stack([s.get("gt.png", zeros) for s in samples])
+    if any("regions.png" in s for s in samples):  # a sample without labels is in no region
+        blank = torch.zeros(out["sparse_depth"].shape[1:], dtype=torch.uint8)
+        out["regions"] = torch.stack([s.get("regions.png", blank) for s in samples])
     out["K"] = torch.tensor([s["json"]["K"] for s in samples], dtype=torch.float32)
     if "stereo" in out:
         out["stereo_T"] = torch.tensor([s["json"]["stereo_T"] for s in samples], dtype=torch.float32)
@@ -148,6 +161,7 @@ def to_batch(raw: dict) -> Batch:
         gt_depth=raw.get("gt_depth"),
         stereo_T=raw.get("stereo_T"),
         labelled=raw.get("labelled"),
+        regions=raw.get("regions"),
     )
 
 

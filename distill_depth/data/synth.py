@@ -11,6 +11,13 @@ weaving slightly in its lane. Output, per date folder ``DATE`` (derived from the
     DATE/DATE_drive_XXXX_sync/velodyne_points/data/%010d.bin   (float32 x, y, z, reflectance)
     DATE/DATE_drive_XXXX_sync/proj_depth/groundtruth/image_0{2,3}/%010d.png  (uint16 m×256, 0 = sky)
     DATE/DATE_drive_XXXX_sync/poses.txt                        (camera 2 → world, see below)
+    DATE/DATE_drive_XXXX_sync/proj_depth/regions/image_0{2,3}/%010d.png  (uint8 region bitmask, only with
+        a failure mode or --regions; bits in ``distill_depth.data.regions``)
+    DATE/DATE_drive_XXXX_sync/moving_objects.txt               (only with --moving-objects: one line per
+        moving box, its world-frame velocity in metres per frame)
+
+Failure modes (``synth_failures``, all off by default): --moving-objects N, --lidar-dropout,
+--lidar-noise METRES, --textureless.
 
 ``poses.txt`` has one line per frame with the 12 numbers of the 3×4 matrix (row-major) that maps
 points from camera 2 of that frame into the world frame, the world frame being camera 2 of frame 0
@@ -36,7 +43,10 @@ from PIL import Image
 from distill_depth.data.kitti import encode_depth
 from distill_depth.data.synth_calib import Rig, SynthError, write_calibration
 from distill_depth.data.synth_scene import build_scene, trajectory
-from distill_depth.data.synth_sensors import DEFAULT_BEAMS, render_camera, scan_lidar
+from distill_depth.data import synth_failures as failures
+from distill_depth.data.synth_failures import FailureModes
+from distill_depth.data.synth_regions import region_labels
+from distill_depth.data.synth_sensors import DEFAULT_BEAMS, render_camera_hits, scan_lidar
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 96, 320
 DEFAULT_AZIMUTH_STEPS = 2000  # HDL-64E at 10 Hz: ~0.18° between firings
@@ -82,11 +92,21 @@ def generate_drive(
     index: int,
     azimuth_steps: int = DEFAULT_AZIMUTH_STEPS,
     beams: int = DEFAULT_BEAMS,
+    modes: FailureModes = FailureModes(),
 ) -> Path:
     """Render one drive into ``drive_dir`` (written into a temporary folder, renamed when complete)."""
     rng = np.random.default_rng([int(seed), int(index)])
     velo_poses = trajectory(rng, frames)
-    scene = build_scene(rng, x_start=-120.0, x_end=float(velo_poses[-1, 0, 3]) + 300.0)
+    x_end = float(velo_poses[-1, 0, 3]) + 300.0
+    scene = build_scene(rng, x_start=-120.0, x_end=x_end)
+    # Failure modes draw from their own streams, after the base scene: without them nothing changes.
+    if modes.textureless:
+        scene = failures.make_textureless(scene, failures.stream(seed, index, "textureless"), -120.0, x_end)
+    velocity = None
+    if modes.moving_objects > 0:
+        scene, velocity = failures.add_moving_cars(
+            scene, failures.stream(seed, index, "moving"), modes.moving_objects, float(velo_poses[-1, 0, 3])
+        )
     tmp = drive_dir.with_name(f".{drive_dir.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -97,6 +117,8 @@ def generate_drive(
         "gt_02": tmp / "proj_depth" / "groundtruth" / "image_02",
         "gt_03": tmp / "proj_depth" / "groundtruth" / "image_03",
     }
+    if modes.writes_regions:
+        folders.update({f"regions_0{c}": tmp / "proj_depth" / "regions" / f"image_0{c}" for c in CAMERAS})
     for folder in folders.values():
         folder.mkdir(parents=True)
     K = rig.K
@@ -104,25 +126,33 @@ def generate_drive(
     camera2_poses = []
     for frame in range(frames):
         name = f"{frame:010d}"
+        frame_scene = scene if velocity is None else failures.scene_at(scene, velocity, frame)
         for camera in CAMERAS:
             T_scene_cam = velo_poses[frame] @ velo_from_camera[camera]
-            image, depth = render_camera(scene, T_scene_cam, K, rig.height, rig.width)
+            image, depth, hits = render_camera_hits(frame_scene, T_scene_cam, K, rig.height, rig.width)
             _write_png(folders[f"image_0{camera}"] / f"{name}.png", image)
             _write_depth_png(folders[f"gt_0{camera}"] / f"{name}.png", depth)
+            if modes.writes_regions:
+                labels = region_labels(frame_scene, hits, velo_poses[frame], beams, float(K[1, 1]))
+                Image.fromarray(labels).save(folders[f"regions_0{camera}"] / f"{name}.png", compress_level=1)
             if camera == 2:
                 camera2_poses.append(T_scene_cam)
-        points = scan_lidar(scene, velo_poses[frame], azimuth_steps, beams=beams)
+        lidar_rng = failures.stream(seed, index, "lidar", frame) if modes.alters_lidar else None
+        points = scan_lidar(frame_scene, velo_poses[frame], azimuth_steps, beams=beams, modes=modes, rng=lidar_rng)
         (folders["velodyne"] / f"{name}.bin").write_bytes(points.tobytes())
     world_from_scene = np.linalg.inv(camera2_poses[0])
     lines = [" ".join(f"{v:.12e}" for v in (world_from_scene @ pose)[:3].ravel()) for pose in camera2_poses]
     (tmp / "poses.txt").write_text("\n".join(lines) + "\n")
+    if velocity is not None:  # moving objects' velocities in the world frame, metres per frame
+        moving = (world_from_scene[:3, :3] @ velocity[scene.moving].T).T
+        (tmp / "moving_objects.txt").write_text("".join(" ".join(f"{v:.12e}" for v in row) + "\n" for row in moving))
     tmp.replace(drive_dir)
     return drive_dir
 
 
-def _generate_drive_job(job: tuple[str, int, int, int, int, int, int, int]) -> str:
-    drive_dir, height, width, frames, seed, index, azimuth_steps, beams = job
-    return str(generate_drive(Path(drive_dir), Rig(height, width), frames, seed, index, azimuth_steps, beams))
+def _generate_drive_job(job: tuple[str, int, int, int, int, int, int, int, FailureModes]) -> str:
+    drive_dir, height, width, frames, seed, index, azimuth_steps, beams, modes = job
+    return str(generate_drive(Path(drive_dir), Rig(height, width), frames, seed, index, azimuth_steps, beams, modes))
 
 
 def generate(
@@ -135,6 +165,7 @@ def generate(
     *,
     azimuth_steps: int = DEFAULT_AZIMUTH_STEPS,
     beams: int = DEFAULT_BEAMS,
+    modes: FailureModes = FailureModes(),
     date: str | None = None,
     workers: int = 1,
     overwrite: bool = False,
@@ -142,13 +173,18 @@ def generate(
 ) -> list[Path]:
     """Write ``drives`` synthetic drives of ``frames`` frames under ``out/DATE``; returns the drive folders.
 
-    Deterministic for (drives' index, frames, seed, height, width, azimuth_steps, beams). An existing drive
-    folder is an error unless ``overwrite``.
+    Deterministic for (drives' index, frames, seed, height, width, azimuth_steps, beams, modes). An existing
+    drive folder is an error unless ``overwrite``. ``modes`` (``synth_failures.FailureModes``) turns on the
+    failure modes; its defaults give the clean world, byte-identical to a generator without them.
     """
     for name, value, low in (("drives", drives, 1), ("frames", frames, 1), ("height", height, 8), ("width", width, 8),
                              ("azimuth_steps", azimuth_steps, 16), ("beams", beams, 1), ("workers", workers, 1)):
         if int(value) != value or value < low:
             raise SynthError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    if int(modes.moving_objects) != modes.moving_objects or modes.moving_objects < 0:
+        raise SynthError(f"--moving-objects must be an integer >= 0, got {modes.moving_objects!r}")
+    if not (np.isfinite(modes.lidar_noise) and 0.0 <= modes.lidar_noise <= 1.0):
+        raise SynthError(f"--lidar-noise must be a standard deviation in metres in [0, 1], got {modes.lidar_noise!r}")
     date = date_for_seed(seed) if date is None else date
     if not re.fullmatch(r"[A-Za-z0-9_-]+", date):
         raise SynthError(f"--date must be a plain folder name like 2000_01_01, got {date!r}")
@@ -165,7 +201,7 @@ def generate(
     for d in existing:
         shutil.rmtree(d)
     jobs = [
-        (str(d), rig.height, rig.width, frames, seed, index + 1, azimuth_steps, beams)
+        (str(d), rig.height, rig.width, frames, seed, index + 1, azimuth_steps, beams, modes)
         for index, d in enumerate(drive_dirs)
     ]
     start = time.perf_counter()
@@ -199,6 +235,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beams", type=int, default=DEFAULT_BEAMS,
                         help=f"LiDAR beams over the HDL-64E's +2..-24.8 degrees (default {DEFAULT_BEAMS}; "
                              "fewer = sparser LiDAR)")
+    failure = parser.add_argument_group("failure modes (all off by default; see docs/notes-issue11synth.md)")
+    failure.add_argument("--moving-objects", type=int, default=0, metavar="N",
+                         help="N cars per drive in the adjacent lane with their own velocity (default 0)")
+    failure.add_argument("--lidar-dropout", action="store_true",
+                         help="no LiDAR return on glass (a share returns from behind it) and often none on dark paint")
+    failure.add_argument("--lidar-noise", type=float, default=0.0, metavar="METRES",
+                         help="Gaussian LiDAR range noise, standard deviation in metres (default 0 = none)")
+    failure.add_argument("--textureless", action="store_true", help="uniform-albedo façades and road patches")
+    failure.add_argument("--regions", action="store_true",
+                         help="write proj_depth/regions even with no failure mode (any failure mode writes them)")
     parser.add_argument("--date", default=None, help="date folder name (default from --seed)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one drive each (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace drives that already exist")
@@ -211,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         drive_dirs = generate(
             args.out, args.drives, args.frames, args.seed, args.height, args.width,
             azimuth_steps=args.azimuth_steps, beams=args.beams, date=args.date, workers=args.workers,
+            modes=FailureModes(args.moving_objects, args.lidar_dropout, args.lidar_noise, args.textureless,
+                               args.regions),
             overwrite=args.overwrite, progress=True,
         )
     except SynthError as error:

@@ -34,6 +34,11 @@ class Scene:
     sidewalk_width: float
     ground_salt: int
     sun: np.ndarray  # (3,) unit vector towards the sun
+    # Failure modes (``synth_failures``); None = off, and the scene renders exactly as without them.
+    offset: np.ndarray | None = None  # (N, 3) each box's displacement since frame 0 (moving objects)
+    moving: np.ndarray | None = None  # (N,) bool, boxes that move in the world
+    uniform: np.ndarray | None = None  # (N,) bool, boxes with a uniform (textureless) albedo
+    road_patches: np.ndarray | None = None  # (P, 2) x-intervals of uniform (textureless) road
 
     @functools.cached_property
     def corners(self) -> np.ndarray:
@@ -213,14 +218,17 @@ def surface_albedo(
             points[ground, 0], points[ground, 1], footprint[ground], scene.road_half_width, scene.sidewalk_width,
             scene.ground_salt,
         )
+        if scene.road_patches is not None and len(scene.road_patches):
+            coverage = tex.road_patch_coverage(
+                points[ground, 0], points[ground, 1], footprint[ground], scene.road_patches, scene.road_half_width
+            )
+            albedo[ground] = tex.mix(albedo[ground], tex.UNIFORM_ROAD_ALBEDO, coverage)
     on_box = np.flatnonzero(obj >= 0)
     if len(on_box) == 0:
         return albedo
     box = obj[on_box]
-    p, a = points[on_box], axis[on_box]
-    # Face coordinates: horizontal coordinate along the face, vertical (or second horizontal on roofs).
-    s = np.where(a == 0, p[:, 1], p[:, 0])
-    v = np.where(a == 2, p[:, 1], p[:, 2])
+    p, a = box_coordinates(scene, points[on_box], box), axis[on_box]
+    s, v = face_coordinates(p, a)
     fp, salt, base = footprint[on_box], scene.salt[box], scene.colour[box]
     kind = scene.kind[box]
     for value, shade in (
@@ -233,7 +241,23 @@ def surface_albedo(
         mask = kind == value
         if mask.any():
             albedo[on_box[mask]] = shade(mask)
+    if scene.uniform is not None:
+        flat = scene.uniform[box]
+        albedo[on_box[flat]] = base[flat] * tex.UNIFORM_FACADE_SHADE
     return albedo
+
+
+def face_coordinates(points: np.ndarray, axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Texture coordinates (n,), (n,) on box faces with normal ``axis`` (n,): along the face, then vertical
+    (or the second horizontal coordinate on roofs)."""
+    return np.where(axis == 0, points[:, 1], points[:, 0]), np.where(axis == 2, points[:, 1], points[:, 2])
+
+
+def box_coordinates(scene: Scene, points: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Hit points (n, 3) on boxes ``box`` (n,) in the boxes' frame-0 position, where their texture is defined.
+
+    A moving object's texture moves with it; static boxes (and scenes without moving objects) are unchanged."""
+    return points if scene.offset is None else points - scene.offset[box]
 
 
 def surface_reflectance(scene: Scene, points: np.ndarray, obj: np.ndarray) -> np.ndarray:

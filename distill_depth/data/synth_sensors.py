@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
+from distill_depth.data import synth_failures as failures
 from distill_depth.data import synth_scene as sc
+from distill_depth.data.synth_failures import FailureModes
 
 LIDAR_ELEVATIONS_DEG = (2.0, -24.8)  # HDL-64E vertical field of view, the beams evenly spread
 DEFAULT_BEAMS = 64
@@ -51,6 +54,14 @@ def camera_regions(
     ]
 
 
+class CameraHits(NamedTuple):
+    """What each pixel's ray hit: scene-frame points (H, W, 3) (NaN on sky), object (H, W), face axis (H, W)."""
+
+    points: np.ndarray
+    obj: np.ndarray
+    axis: np.ndarray
+
+
 def render_camera(
     scene: sc.Scene, T_scene_cam: np.ndarray, K: np.ndarray, height: int, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +69,14 @@ def render_camera(
 
     Pixel (r, c) looks along the ray through its centre ``((c − cx)/fx, (r − cy)/fy, 1)`` (0-based K).
     """
+    image, depth, _ = render_camera_hits(scene, T_scene_cam, K, height, width)
+    return image, depth
+
+
+def render_camera_hits(
+    scene: sc.Scene, T_scene_cam: np.ndarray, K: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, CameraHits]:
+    """``render_camera``'s image and depth, and what each pixel hit (for the region labels)."""
     cols, rows = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
     rays_cam = np.stack([(cols - K[0, 2]) / K[0, 0], (rows - K[1, 2]) / K[1, 1], np.ones_like(cols)], axis=-1)
     rotation, origin = T_scene_cam[:3, :3], T_scene_cam[:3, 3]
@@ -85,7 +104,8 @@ def render_camera(
         colour[hit] = sc.tex.mix(albedo * light[:, None], colour[hit], fog)
     image = np.clip(colour, 0.0, 1.0).reshape(height, width, 3)
     depth = np.where(np.isfinite(t), t, 0.0)
-    return image, depth
+    points = origin + np.where(np.isfinite(t), t, np.nan)[..., None] * directions
+    return image, depth, CameraHits(points, obj, axis)
 
 
 def lidar_elevations(beams: int = DEFAULT_BEAMS) -> np.ndarray:
@@ -152,15 +172,25 @@ def scan_lidar(
     azimuth_steps: int,
     max_range: float = LIDAR_MAX_RANGE,
     beams: int = DEFAULT_BEAMS,
+    modes: FailureModes | None = None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """(n, 4) float32 points x, y, z, reflectance in the Velodyne frame (returns within ``max_range``)."""
+    """(n, 4) float32 points x, y, z, reflectance in the Velodyne frame (returns within ``max_range``).
+
+    ``modes`` (with ``rng``) applies LiDAR dropout / through-window returns / range noise."""
     beams_velo = lidar_directions(azimuth_steps, beams)
     directions = beams_velo @ T_scene_velo[:3, :3].T
     origin = T_scene_velo[:3, 3]
     regions = lidar_regions(scene, T_scene_velo, azimuth_steps, max_range, beams)
-    t, obj, _ = sc.cast(scene, origin, directions, regions, max_range)
+    t, obj, axis = sc.cast(scene, origin, directions, regions, max_range)
     hit = np.flatnonzero((t <= max_range).ravel())
     t_hit, obj_hit = t.ravel()[hit], obj.ravel()[hit]
+    if modes is not None and modes.alters_lidar:
+        assert rng is not None, "LiDAR failure modes need a random stream"
+        t_hit, obj_hit, keep = failures.lidar_returns(
+            scene, origin, directions.reshape(-1, 3)[hit], t_hit, obj_hit, axis.ravel()[hit], modes, rng, max_range
+        )
+        hit, t_hit, obj_hit = hit[keep], t_hit[keep], obj_hit[keep]
     points_scene = origin + t_hit[:, None] * directions.reshape(-1, 3)[hit]
     reflectance = sc.surface_reflectance(scene, points_scene, obj_hit)
     points_velo = t_hit[:, None] * beams_velo.reshape(-1, 3)[hit]

@@ -148,11 +148,18 @@ def facade_albedo(
     courses = soft_cells(z, 0.25, 0.0, 0.85, footprint)
     bricks = courses * soft_cells(s + 0.3 * np.floor(z / 0.25), 0.6, 0.0, 0.9, footprint)  # staggered joints
     plaster = plaster * (0.75 + 0.25 * bricks)[:, None]
-    window = soft_cells(s, 2.6, 0.25, 0.75, footprint) * soft_cells(z - 0.5, 3.0, 0.35, 0.8, footprint)
-    window = window * soft_inside(1.2 - z, footprint)  # no windows at street level
+    window = facade_window(s, z, footprint)
     glass_tone = 0.6 + 0.8 * fbm(s, z, (0.1, 0.4), salt + 11, footprint)
     glass = glass_tone[:, None] * np.array([0.18, 0.24, 0.33])
     return mix(plaster, glass, window)
+
+
+def facade_window(s: np.ndarray, z: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Window coverage (n,) in [0, 1] of a façade: 2.6 m columns, 3 m floors, none at street level.
+
+    ``footprint=0`` gives the hard 0/1 mask (where a LiDAR beam meets glass)."""
+    window = soft_cells(s, 2.6, 0.25, 0.75, footprint) * soft_cells(z - 0.5, 3.0, 0.35, 0.8, footprint)
+    return window * soft_inside(1.2 - z, footprint)
 
 
 def car_albedo(s: np.ndarray, z: np.ndarray, footprint: np.ndarray, base: np.ndarray, salt: np.ndarray) -> np.ndarray:
@@ -180,3 +187,19 @@ def crate_albedo(
     boards = soft_cells(z, 0.18, 0.08, 1.0, footprint)
     grain = fbm(s, z, (0.04, 0.12, 0.4), salt, footprint)
     return ((0.6 + 0.4 * boards + 0.8 * grain)[:, None]) * base
+
+
+# ---- textureless surfaces (``synth --textureless``) ------------------------------------------
+
+UNIFORM_ROAD_ALBEDO = np.array([0.33, 0.33, 0.343])  # the asphalt's mean tone, without noise or markings
+UNIFORM_FACADE_SHADE = 0.85  # a uniform façade is its base colour times the plaster's mean tone
+
+
+def road_patch_coverage(
+    x: np.ndarray, y: np.ndarray, footprint: np.ndarray, patches: np.ndarray, road_half_width: float
+) -> np.ndarray:
+    """Coverage (n,) in [0, 1] of uniform road patches: x-intervals ``patches`` (P, 2) across the whole road."""
+    coverage = np.zeros(len(x))
+    for start, stop in patches:
+        coverage = np.maximum(coverage, soft_inside(np.maximum(start - x, x - stop), footprint))
+    return coverage * soft_inside(np.abs(y) - road_half_width, footprint)

@@ -39,6 +39,32 @@ def summarize(records: list[dict], outputs: tuple[str, ...]) -> dict[str, dict[s
     return summary
 
 
+def summarize_regions(records: list[dict], outputs: tuple[str, ...]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{output: {region: means}}`` from records carrying ``"regions"`` (``evaluate --regions``).
+
+    Each region is averaged like the whole image: metrics per image over the image's pixels in the
+    region, then the mean over the images that have at least one valid pixel there. A region no image
+    has a valid pixel in is ``{"absent": True, "num_images": 0}``, never NaN.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in outputs:
+        rows = [r for r in records if r["output"] == name and "regions" in r]
+        regions = list(rows[0]["regions"]) if rows else []
+        out[name] = {}
+        for region in regions:
+            usable = [r["regions"][region] for r in rows if r["regions"][region]["valid_pixels"] > 0]
+            if not usable:
+                out[name][region] = {"absent": True, "num_images": 0}
+                continue
+            mean: dict[str, Any] = {}
+            for metric in METRIC_NAMES + CONFIDENCE_NAMES:
+                values = [u[metric] for u in usable if not math.isnan(u[metric])]
+                mean[metric] = sum(values) / len(values) if values else float("nan")
+            mean.update(absent=False, num_images=len(usable), valid_pixels=sum(u["valid_pixels"] for u in usable))
+            out[name][region] = mean
+    return out
+
+
 def format_table(row_names: list[str], rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     """A fixed-width text table: one row per entry, one column per metric."""
     first = max([len("output")] + [len(n) for n in row_names])

@@ -16,7 +16,14 @@ from PIL import Image
 from torch import Tensor
 
 from distill_depth.evaluation.inference import DepthBranch, fuse, infer_at_size, network_size, resize_map
-from distill_depth.evaluation.protocol import Protocol, evaluation_mask, ground_truth, prepare_prediction
+from distill_depth.evaluation.protocol import (
+    EvaluationError,
+    Protocol,
+    evaluation_mask,
+    ground_truth,
+    prepare_prediction,
+)
+from distill_depth.data.regions import REGION_BITS
 from distill_depth.metrics import METRIC_NAMES, ause_aurg, depth_metrics
 from distill_depth.types import Batch
 from distill_depth.viz import side_by_side
@@ -36,6 +43,8 @@ class EvalSettings:
     """Network input ``(H, W)`` (the training size); None: the image's size rounded up to ×32."""
     align_u_scale: bool = False
     """Fusion rescales U to S's median first (U without metric scale); see ``inference.fuse``."""
+    regions: bool = False
+    """Also every metric per region of the shards' ``regions.png`` (``distill_depth.data.regions``)."""
     save_predictions: Path | None = None
     save_images: Path | None = None
     sparsification_steps: int = 20
@@ -86,6 +95,10 @@ def evaluate_batch(models: dict[str, DepthBranch], batch: Batch, settings: EvalS
                 scale=float(ratio[i]), ause=float(ause[i]), aurg=float(aurg[i]), valid_pixels=int(valid_pixels[i])
             )
             records.append(record)
+        if settings.regions:
+            for record, per_region in zip(records[-len(batch.keys):], _region_metrics(final, gt, mask, confidence,
+                                                                                       batch, settings)):
+                record["regions"] = per_region
         if settings.save_predictions is not None:
             for i, key in enumerate(batch.keys):
                 _save_npy(settings.save_predictions / f"{key}_{name}.npy", final[i, 0].float().cpu().numpy())
@@ -95,6 +108,30 @@ def evaluate_batch(models: dict[str, DepthBranch], batch: Batch, settings: EvalS
             for i, key in enumerate(batch.keys):
                 Image.fromarray(panels[i]).save(settings.save_images / f"{key}_{name}.png")
     return records
+
+
+def _region_metrics(
+    final: Tensor, gt: Tensor, mask: Tensor, confidence: Tensor, batch: Batch, settings: EvalSettings
+) -> list[dict[str, dict]]:
+    """Per image: ``{region: {<metrics>, "ause", "aurg", "valid_pixels"}}``, the protocol's mask ∧ the region.
+
+    The prediction (and its median scale) is the whole image's; only the pixels averaged differ."""
+    if batch.regions is None:
+        raise EvaluationError("--regions needs shards with regions.png entries (make-shards of a synth tree made "
+                              "with a failure mode or --regions)")
+    if tuple(batch.regions.shape[-2:]) != tuple(gt.shape[-2:]):
+        raise EvaluationError(f"regions.png is {tuple(batch.regions.shape[-2:])}, ground truth {tuple(gt.shape[-2:])}")
+    out: list[dict[str, dict]] = [{} for _ in batch.keys]
+    for region, bit in REGION_BITS.items():
+        region_mask = mask & ((batch.regions.to(torch.int32) & bit) != 0)
+        metrics = depth_metrics(final, gt, region_mask)
+        ause, aurg = ause_aurg(final, gt, region_mask, confidence, steps=settings.sparsification_steps)
+        counts = region_mask.flatten(1).sum(dim=1).tolist()
+        for i in range(len(batch.keys)):
+            row = {m: float(metrics[m][i]) for m in METRIC_NAMES}
+            row.update(ause=float(ause[i]), aurg=float(aurg[i]), valid_pixels=int(counts[i]))
+            out[i][region] = row
+    return out
 
 
 @torch.no_grad()
