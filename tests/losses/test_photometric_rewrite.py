@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import kornia
 import pytest
 import torch
 
 from distill_depth.losses import identity_error, photometric, photometric_error, ssim_map
-from distill_depth.losses.photometric import LARGE_ERROR
 
-
-def _old_photometric_error(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.85) -> torch.Tensor:
-    """The replaced formula: kornia's Gaussian SSIM, finite inputs only."""
-    ssim = kornia.metrics.ssim(a, b, window_size=3, max_val=1.0)
-    dssim = ((1.0 - ssim) / 2.0).clamp(0.0, 1.0).mean(dim=1, keepdim=True)
-    return alpha * dssim + (1.0 - alpha) * (a - b).abs().mean(dim=1, keepdim=True)
-
-
-def _old_photometric(target, warped, valid, sources, alpha=0.85):
-    """The replaced per-pixel minimum: argmin + gather, identity error recomputed per call."""
-    errors = torch.cat([_old_photometric_error(target, w, alpha) for w in warped], dim=1)
-    invalid = ~torch.cat(list(valid), dim=1)
-    choice = (errors + LARGE_ERROR * invalid.float()).detach().argmin(dim=1, keepdim=True)
-    pe_min = errors.gather(1, choice)
-    mask = pe_min < LARGE_ERROR
-    identity = torch.cat([_old_photometric_error(target, s, alpha) for s in sources], dim=1)
-    mask = mask & (pe_min < identity.min(dim=1, keepdim=True).values)
-    return torch.where(mask, pe_min, torch.zeros_like(pe_min)), mask
+# the old formulas live beside the benchmark that times them against the new ones
+_SPEC = importlib.util.spec_from_file_location(
+    "photometric_loss", Path(__file__).resolve().parents[2] / "benchmarks" / "photometric_loss.py"
+)
+_bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_bench)
+_old_photometric_error = _bench.reference_photometric_error
+_old_photometric = _bench.reference_photometric
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 23), (1, 1, 5, 4), (3, 3, 96, 320)])
