@@ -19,6 +19,7 @@ from distill_depth.losses import (
     aligns_u_scale,
     distill,
     distill_ramp,
+    identity_error,
     photometric,
     point_filtering,
     self_confidence_nll,
@@ -254,18 +255,18 @@ class SelfSupervisedBranch(_Branch):
             K = view.K.float()
             size = tuple(target.shape[-2:])
             sources = [view.clean_sources[n].float() for n in poses]
-            photo_terms, smooth_terms, pe_means, mask_fracs = [], [], [], []
+            # the un-warped error depends on neither depth nor pose: once per batch, not per scale
+            identity = identity_error(target, sources, loss_cfg.ssim_alpha) if loss_cfg.automask else None
+            photo_terms, smooth_terms = [], []
             for scale, (disp, depth, conf) in enumerate(self._scaled_maps(prediction, size)):
                 warped, valid = zip(*(warp_to_target(src, depth, poses[n], K) for n, src in zip(poses, sources)))
-                pe_min, mask = photometric(
-                    target, list(warped), list(valid), sources if loss_cfg.automask else None, loss_cfg.ssim_alpha
-                )
+                pe_min, mask = photometric(target, list(warped), list(valid), alpha=loss_cfg.ssim_alpha, identity=identity)
                 photo_terms.append(self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))
                 native = prediction.extras["disp"][scale].float()
                 image_s = F.interpolate(target, size=native.shape[-2:], mode="area") if scale else target
                 smooth_terms.append(smoothness(native, image_s) / 2**scale)
-                pe_means.append(masked_mean(pe_min, mask).detach())
-                mask_fracs.append(mask.float().mean())
+                if scale == 0:  # the logged diagnostics are full-resolution only
+                    pe_mean, mask_fraction = masked_mean(pe_min, mask).detach(), mask.float().mean()
             photo = torch.stack(photo_terms).mean()
             smooth = torch.stack(smooth_terms).mean()
             distill_term, weight = self._distill_term(prediction, partner, step, scale_align=False)
@@ -275,9 +276,10 @@ class SelfSupervisedBranch(_Branch):
                 "photo_nll": photo,
                 "smooth": smooth,
                 "distill": distill_term,
-                "distill_weight": torch.tensor(weight, device=total.device),
-                "pe": pe_means[0],
-                "automask_fraction": mask_fracs[0],
+                # a fill kernel, not a host-to-device copy: nothing in the step waits for the device
+                "distill_weight": torch.full((), weight, device=total.device),
+                "pe": pe_mean,
+                "automask_fraction": mask_fraction,
                 "conf_mean": prediction.confidence[0].float().mean(),
                 "pose_translation": torch.stack(translations).mean() if translations else torch.zeros((), device=total.device),
             }

@@ -2,7 +2,14 @@
 
 from distill_depth.losses.common import confidence_nll, masked_mean, upsample
 from distill_depth.losses.distill import aligns_u_scale, distill, distill_ramp, median_scale
-from distill_depth.losses.photometric import photometric, photometric_error, self_confidence_nll, smoothness
+from distill_depth.losses.photometric import (
+    identity_error,
+    photometric,
+    photometric_error,
+    self_confidence_nll,
+    smoothness,
+    ssim_map,
+)
 from distill_depth.losses.supervised import (
     depth_error,
     lidar_mask,
@@ -19,6 +26,7 @@ __all__ = [
     "depth_error",
     "distill",
     "distill_ramp",
+    "identity_error",
     "lidar_mask",
     "masked_mean",
     "median_scale",
@@ -30,6 +38,7 @@ __all__ = [
     "self_confidence_nll",
     "smoothness",
     "split_held_out",
+    "ssim_map",
     "sup_confidence_nll",
     "upsample",
 ]
