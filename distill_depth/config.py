@@ -243,9 +243,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: cannot read {value!r} as {hint} ({'; '.join(errors)})")
     if origin is Literal:
-        # YAML reads a bare `no`/`off` as False; `mixed_precision=no` must still mean "no".
-        if isinstance(value, bool) and value not in args and ("no" if not value else "yes") in args:
-            value = "no" if not value else "yes"
+        value = _as_typed_literal(value, args)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
@@ -278,6 +276,27 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _as_typed_literal(value: Any, choices: tuple[Any, ...]) -> Any:
+    """The choice the user typed when YAML read it as something else.
+
+    YAML 1.1 reads a bare ``on``/``off``/``yes``/``no`` as a boolean (and ``1e3`` style words as
+    numbers): ``loss.scale_align=on`` arrives as ``True``. A value that is not a choice itself but
+    is what YAML makes of exactly one choice's text is that choice, for every enum key at once.
+    """
+    if value in choices:
+        return value
+    readings = [c for c in choices if isinstance(c, str) and _yaml_reading(c) == value
+                and type(_yaml_reading(c)) is type(value)]
+    return readings[0] if len(readings) == 1 else value
+
+
+def _yaml_reading(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _set(cfg: Any, dotted: str, value: Any) -> None:

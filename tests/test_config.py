@@ -72,3 +72,38 @@ def test_yaml_no_is_the_literal_no():
     cfg = load_config(None, ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
+def _enum_keys() -> list[tuple[str, tuple[str, ...]]]:
+    """Every Literal-typed key of Config, with its choices (found by reflection, not listed)."""
+    import dataclasses
+    import typing
+
+    found = []
+    for section in dataclasses.fields(Config):
+        node = getattr(Config(), section.name)
+        if not dataclasses.is_dataclass(node):
+            continue
+        for name, hint in typing.get_type_hints(type(node)).items():
+            if typing.get_origin(hint) is typing.Literal:
+                found.append((f"{section.name}.{name}", typing.get_args(hint)))
+    return found
+
+
+def test_every_enum_value_reads_as_typed_on_the_command_line_and_in_yaml(tmp_path: Path):
+    """Bare on/off/yes/no (which YAML reads as booleans) mean the choice typed, for every enum key."""
+    keys = _enum_keys()
+    assert ("loss.scale_align", ("auto", "on", "off")) in keys and len(keys) >= 10
+    needs = {"model.pretrained=file": ["model.weights=w.safetensors"]}  # cross-field rule, not typing
+    for key, choices in keys:
+        for choice in choices:
+            section, name = key.split(".")
+            extra = needs.get(f"{key}={choice}", [])
+            assert getattr(getattr(load_config(None, [f"{key}={choice}", *extra]), section), name) == choice, key
+            (tmp_path / "c.yaml").write_text(f"{section}:\n  {name}: {choice}\n")
+            assert getattr(getattr(load_config(tmp_path / "c.yaml", extra), section), name) == choice, key
+
+
+def test_a_boolean_is_still_refused_where_no_choice_reads_as_it():
+    with pytest.raises(ConfigError, match=r"loss\.rho: True is not one of"):
+        load_config(None, ["loss.rho=on"])
