@@ -3,6 +3,7 @@
     python benchmarks/fidelity.py --quick          # ~3.5 min on an idle 2-core CPU: S-only, U-only, mutual
     python benchmarks/fidelity.py                  # ~30 min: + the ablations
     python benchmarks/fidelity.py --seeds 0,1,2 --jobs 2 --runs mutual,sup_only --steps 600 --work /tmp/fid
+    python benchmarks/fidelity.py --failures --set data.labelled_fraction=0.25   # failure modes, scarce labels
 
 Steps (all through the public commands, each in its own process):
   1. `distill-depth synth`: train drives (seed 1000) and held-out test drives (seed 2000, other
@@ -59,12 +60,17 @@ class Plan:
     test_frames: int
     steps: int
     batch_size: int
+    failures: bool = False
+    """Synthetic failure modes (moving cars, LiDAR dropout and noise, textureless patches) in train
+    and test drives, and per-region evaluation (``evaluate --regions``)."""
 
 
 # 22 beams over the HDL-64E's field of view: at 64 rows, one beam every ~2.8 rows, the density
 # KITTI's 64 beams have at the standard 640x192 (64 beams at 64 rows would cover every row).
 FULL = Plan(height=64, width=192, beams=22, train_drives=8, train_frames=50, test_drives=2, test_frames=24,
             steps=300, batch_size=4)
+FAILURE_FLAGS = ("--moving-objects", "3", "--lidar-dropout", "--lidar-noise", "0.03", "--textureless")
+"""What ``--failures`` passes to ``distill-depth synth``: the failures each branch has and the other may repair."""
 QUICK = Plan(height=64, width=192, beams=22, train_drives=3, train_frames=30, test_drives=1, test_frames=24,
              steps=80, batch_size=4)
 
@@ -95,7 +101,8 @@ def make_data(work: Path, plan: Plan) -> tuple[Path, Path]:
             if not raw.is_dir():
                 _cli("synth", "--out", str(raw), "--drives", str(drives), "--frames", str(frames), "--seed", str(seed),
                      "--height", str(plan.height), "--width", str(plan.width), "--beams", str(plan.beams),
-                     "--workers", "2", log=work / "logs" / f"synth_{split}.log")
+                     "--workers", "2", *(FAILURE_FLAGS if plan.failures else ()),
+                     log=work / "logs" / f"synth_{split}.log")
             stereo = ["--stereo"] if split == "train" else []  # U trains with the stereo partner ("MS")
             _cli("make-shards", "--kitti-root", str(raw), "--out", str(out), "--workers", "2", "--no-progress", *stereo,
                  log=work / "logs" / f"shards_{split}.log")
@@ -124,10 +131,15 @@ def train_and_evaluate(run: str, seed: int, work: Path, plan: Plan, shards: tupl
         start = time.perf_counter()
         _cli("evaluate", "--checkpoint", str(run_dir), "--shards", str(shards[1]), "--protocol", "dense",
              "--branch", "auto", "--median-scaling", scaling, "--json", str(result_file), "--batch-size", "8",
-             log=work / "logs" / f"eval_{name}_{key}.log", threads=threads)
+             *(("--regions",) if plan.failures else ()), log=work / "logs" / f"eval_{name}_{key}.log", threads=threads)
         timings[f"eval_{key}_s"] = round(time.perf_counter() - start, 1)
         report = json.loads(result_file.read_text())
         result[key] = report["mean"]
+        if "regions" in report:
+            result[f"{key}_regions"] = {
+                output: {region: values.get("abs_rel") for region, values in by_region.items() if not values.get("absent")}
+                for output, by_region in report["regions"].items()
+            }
         if key == "auto":
             result["median_scaling"] = report["median_scaling"]["applied"]
             result["num_images"] = report["num_images"]
@@ -147,9 +159,32 @@ def summarize(per_seed: dict[int, dict]) -> dict:
                           if isinstance(r[key][branch].get(m), (int, float))] for m in metrics}
             out[key][branch] = {m: statistics.fmean(v) for m, v in values.items() if v}
             out[f"{key}_std"][branch] = {m: statistics.stdev(v) for m, v in values.items() if len(v) > 1}
+    regions: dict = {}
+    for result in per_seed.values():
+        for output, by_region in result.get("auto_regions", {}).items():
+            for region, value in by_region.items():
+                regions.setdefault(output, {}).setdefault(region, []).append(value)
+    if regions:
+        out["regions_abs_rel"] = {o: {r: statistics.fmean(v) for r, v in rs.items()} for o, rs in regions.items()}
     first = next(iter(per_seed.values()))
     out["median_scaling"] = first.get("median_scaling", {})
     return out
+
+
+def format_regions(results: dict[str, dict]) -> str:
+    """AbsRel per region (rows = run and branch, columns = regions; mean over seeds, metric)."""
+    rows = [(f"{run} {output}", by_region) for run, r in results.items()
+            for output, by_region in r.get("regions_abs_rel", {}).items()]
+    if not rows:
+        return ""
+    regions = sorted({region for _, by_region in rows for region in by_region})
+    first = max(len("AbsRel per region"), *(len(name) for name, _ in rows)) + 1
+    width = max(len(r) for r in regions) + 2
+    lines = ["AbsRel per region".ljust(first) + "".join(r.rjust(width) for r in regions)]
+    for name, by_region in rows:
+        cells = [("-" if by_region.get(r) is None else f"{by_region[r]:.4f}").rjust(width) for r in regions]
+        lines.append(name.ljust(first) + "".join(cells))
+    return "\n".join(lines)
 
 
 def paired_differences(results: dict[str, dict], per_seed: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -220,6 +255,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the plan)")
     parser.add_argument("--beams", type=int, default=None, help="LiDAR beams of the synthetic data (overrides the plan)")
+    parser.add_argument("--failures", action="store_true",
+                        help="synthetic failure modes in the drives (moving cars, LiDAR dropout/noise, textureless) "
+                             "and AbsRel per region; another work folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable), e.g. --set optim.lr=5e-4")
     parser.add_argument("--jobs", type=int, default=1,
@@ -249,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     _exit_on_sigterm()
     args = _parse_args(argv)
     plan = QUICK if args.quick else FULL
-    plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("beams", args.beams)) if v is not None})
-    default_work = Path(tempfile.gettempdir()) / ("distill_depth_fidelity_quick" if args.quick else "distill_depth_fidelity")
+    plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("beams", args.beams)) if v is not None},
+                   failures=args.failures)
+    default_work = Path(tempfile.gettempdir()) / ("distill_depth_fidelity" + ("_quick" if args.quick else "")
+                                                  + ("_failures" if args.failures else ""))
     work = args.work or default_work
     if args.fresh:
         import shutil
@@ -296,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if diffs:
         print(format_differences(diffs))
+    if plan.failures:
+        print(format_regions(results))
     print(f"{len(args.seeds)} seed(s), {plan.steps} steps, {plan.height}x{plan.width}, {plan.beams}-beam LiDAR; "
           f"total {output['total_s']:.0f} s; wrote {result_file}")
     return 1 if output["errors"] else 0

@@ -258,7 +258,11 @@ class SelfSupervisedBranch(_Branch):
             # the un-warped error depends on neither depth nor pose: once per batch, not per scale
             identity = identity_error(target, sources, loss_cfg.ssim_alpha) if loss_cfg.automask else None
             photo_terms, smooth_terms = [], []
+            # under a depth-scaling zoom (augment.u_strength=strong) the network predicts the
+            # zoomed scene's equivalent depth D/m; the zoomed K warps with the true depth D
+            to_true = None if view.depth_to_canonical is None else view.depth_to_canonical.view(-1, 1, 1, 1)
             for scale, (disp, depth, conf) in enumerate(self._scaled_maps(prediction, size)):
+                depth = depth if to_true is None else depth * to_true
                 warped, valid = zip(*(warp_to_target(src, depth, poses[n], K) for n, src in zip(poses, sources)))
                 pe_min, mask = photometric(target, list(warped), list(valid), alpha=loss_cfg.ssim_alpha, identity=identity)
                 photo_terms.append(self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))

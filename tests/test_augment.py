@@ -193,6 +193,13 @@ def test_crop_scale_augmentation_keeps_intrinsics_consistent_on_a_synthetic_scen
     rel = ((view.sparse_depth - rendered_depth).abs() / rendered_depth)[hit]
     assert rel.max() < 0.01
     assert torch.isin(view.sparse_depth[hit], depth).all()
+    # scale: the same photo, LiDAR D*/m; D*/m · m is the depth the augmented K warps with (branch U)
+    torch.manual_seed(5)
+    scaled = _augmenter("strong", crop_scale=(0.5, 0.8), rotation_deg=0.0)(batch)
+    m = scaled.depth_to_canonical.view(-1, 1, 1, 1)
+    assert torch.allclose(scaled.K, view.K) and torch.equal(scaled.clean_image, view.clean_image)
+    rel = ((scaled.sparse_depth * m - rendered_depth).abs() / rendered_depth)[hit]
+    assert rel.max() < 0.01 and (scaled.sparse_depth[hit] < 0.95 * rendered_depth[hit]).all()
 
 
 def test_same_parameters_for_target_and_sources_but_per_sample() -> None:

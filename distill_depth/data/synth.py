@@ -235,7 +235,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beams", type=int, default=DEFAULT_BEAMS,
                         help=f"LiDAR beams over the HDL-64E's +2..-24.8 degrees (default {DEFAULT_BEAMS}; "
                              "fewer = sparser LiDAR)")
-    failure = parser.add_argument_group("failure modes (all off by default; see docs/notes-issue11synth.md)")
+    failure = parser.add_argument_group("failure modes (all off by default; see docs/synth-failure-modes.md)")
     failure.add_argument("--moving-objects", type=int, default=0, metavar="N",
                          help="N cars per drive in the adjacent lane with their own velocity (default 0)")
     failure.add_argument("--lidar-dropout", action="store_true",

@@ -78,3 +78,17 @@ def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
     # A second call reuses the data and the finished runs.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "'train_s'" not in again.stdout
+
+
+def test_region_means_over_seeds_and_their_table() -> None:
+    per_seed = {
+        0: {**_seed_result(0.30, None), "auto_regions": {"S": {"moving": 0.4, "above_top_beam": 0.6}}},
+        1: {**_seed_result(0.20, None), "auto_regions": {"S": {"moving": 0.2}}},
+    }
+    summary = fidelity.summarize(per_seed)
+    assert summary["regions_abs_rel"]["S"] == pytest.approx({"moving": 0.3, "above_top_beam": 0.6})
+    table = fidelity.format_regions({"sup_only": summary, "self_only": fidelity.summarize({0: _seed_result(None, 0.5)})})
+    lines = table.splitlines()
+    assert len(lines) == 2 and "above_top_beam" in lines[0] and "moving" in lines[0]
+    assert lines[1].split() == ["sup_only", "S", "0.6000", "0.3000"]
+    assert fidelity.format_regions({"self_only": fidelity.summarize({0: _seed_result(None, 0.5)})}) == ""
