@@ -1,4 +1,4 @@
-"""The two branches of METHOD.md as self-contained modules: S (LiDAR) and U (video, + stereo).
+"""The two branches of METHOD.md as self-contained modules: S (LiDAR) and U (video and/or stereo).
 
 Each branch owns its augmenter and networks. ``forward`` runs every network whose parameters the
 loss trains (the trainer wraps the branch in DDP and calls ``loss`` on the unwrapped module), and
@@ -179,7 +179,7 @@ class SupervisedBranch(_Branch):
                 )
             sup = torch.stack(sup_terms).mean()
             pf = torch.stack(pf_terms).mean()
-            align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.use_stereo)
+            align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
             distill_term, weight = self._distill_term(prediction, partner, step, align)
             total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
             conf0 = prediction.confidence[0].float()
@@ -197,24 +197,34 @@ class SupervisedBranch(_Branch):
 
 
 class SelfSupervisedBranch(_Branch):
-    """Branch U: depth + confidence from video (and the stereo partner with ``data.use_stereo``) by
-    photometric reprojection (L_self + λ_d L_u<-s), weak augmentation. Owns the pose network."""
+    """Branch U: depth + confidence by photometric reprojection from the sources ``data.u_sources``
+    names (video t±1, the stereo partner, or both; L_self + λ_d L_u<-s), weak augmentation. Owns
+    the pose network, which exists only when a temporal source is used."""
 
     name = "U"
     distill_direction = "u_from_s"
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, cfg.augment.u_strength)
-        self.pose_net = PoseNet(cfg.model)
+        # Stereo-only U never builds the pose net: nothing of it can run, train or sit in the optimiser.
+        self.pose_net = PoseNet(cfg.model) if cfg.data.uses_temporal else None
 
     def _source_names(self, view: AugmentedView) -> list[str]:
-        names = [n for n in TEMPORAL_SOURCES if n in view.sources]
-        if self.cfg.data.use_stereo:
+        names: list[str] = []
+        u_sources = self.cfg.data.u_sources
+        if self.cfg.data.uses_temporal:
+            names = [n for n in TEMPORAL_SOURCES if n in view.sources]
+            if not names:
+                raise BranchError(
+                    f"data.u_sources={u_sources} needs source frames {TEMPORAL_SOURCES}; the batch has {sorted(view.sources)}"
+                )
+        if self.cfg.data.uses_stereo:
             if "stereo" not in view.clean_sources or view.stereo_T is None:
-                raise BranchError("data.use_stereo is true but the batch has no 'stereo' source / stereo_T")
+                raise BranchError(
+                    f"data.u_sources={u_sources} needs the 'stereo' source and stereo_T "
+                    "(shards made with make-shards --stereo); the batch has none"
+                )
             names.append("stereo")
-        if not names:
-            raise BranchError(f"branch U needs source frames {TEMPORAL_SOURCES}; the batch has {sorted(view.sources)}")
         return names
 
     def forward(self, batch: Batch) -> Prediction:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,8 +41,13 @@ class DataConfig:
     """Sample-level shuffle buffer after the per-epoch seeded shard shuffle."""
     samples_per_epoch: int | None = None
     """Samples per epoch across all cells; ``None`` takes the manifest's count."""
-    use_stereo: bool = False
-    """Use the stereo partner (``stereo.jpg``) as a third source for branch U ("MS" training)."""
+    u_sources: Literal["temporal", "stereo", "temporal+stereo"] = "temporal"
+    """Source frames of branch U's photometric loss, the rows of the paper's table: ``temporal``
+    (M: frames t-1, t+1, poses from the pose network), ``stereo`` (S: the stereo partner only,
+    metric from the known baseline; the pose network is not built) or ``temporal+stereo`` (MS).
+    Any stereo mode needs shards made with ``make-shards --stereo`` and makes U metric (no median
+    alignment under ``loss.scale_align: auto`` or median scaling ``auto``). Replaces the deprecated
+    ``data.use_stereo`` (true → ``temporal+stereo``, false → ``temporal``)."""
     labelled_fraction: float = 1.0
     """Share of training samples that keep their LiDAR (the semi-supervised regime): a sample is
     labelled when a hash of ``(label_seed, key)`` falls below it, so the subset is identical on every
@@ -50,6 +56,22 @@ class DataConfig:
     Validation and evaluation always read every label."""
     label_seed: int = 0
     """Seed of the labelled subset (another seed, another subset of the same size)."""
+
+    @property
+    def uses_stereo(self) -> bool:
+        """U warps the stereo partner (metric scale from the baseline)."""
+        return "stereo" in self.u_sources.split("+")
+
+    @property
+    def use_stereo(self) -> bool:
+        """Deprecated read-only alias of :attr:`uses_stereo` (code written against the old field);
+        removed together with the ``data.use_stereo`` key."""
+        return self.uses_stereo
+
+    @property
+    def uses_temporal(self) -> bool:
+        """U warps frames t-1, t+1 with poses from the pose network."""
+        return "temporal" in self.u_sources.split("+")
 
 
 @dataclass
@@ -98,7 +120,7 @@ class LossConfig:
     distill_direction: Literal["both", "s_from_u", "u_from_s", "none"] = "both"
     """Which distillation terms are active (ablations: one way only, none)."""
     scale_align: Literal["auto", "on", "off"] = "auto"
-    """Median scale alignment k in L_s<-u; auto = on unless U has a stereo (metric) source."""
+    """Median scale alignment k in L_s<-u; auto = on unless ``data.u_sources`` has stereo (metric)."""
     ssim_alpha: float = 0.85
     """α of the photometric error pe = α/2 (1 - SSIM) + (1 - α)|a - b|."""
     lambda_smooth: float = 1e-3
@@ -299,7 +321,26 @@ def _yaml_reading(text: str) -> Any:
         return text
 
 
+DEPRECATED_KEYS = {"data.use_stereo": "data.u_sources"}
+"""Old key → its replacement; the old key is still read (with a warning) for one release."""
+
+
+def _migrate_use_stereo(dotted: str, value: Any) -> tuple[str, Any]:
+    """``data.use_stereo`` (bool) → ``data.u_sources`` (true: temporal+stereo, false: temporal)."""
+    flag = _coerce(value, bool, dotted)
+    new = "temporal+stereo" if flag else "temporal"
+    warnings.warn(
+        f"config key {dotted}={value!r} is deprecated: use data.u_sources={new} "
+        "(temporal | stereo | temporal+stereo); it will be removed in the next release",
+        FutureWarning,  # shown by default: the reader is a user with an old config, not a developer
+        stacklevel=4,
+    )
+    return "data.u_sources", new
+
+
 def _set(cfg: Any, dotted: str, value: Any) -> None:
+    if dotted in DEPRECATED_KEYS:
+        dotted, value = _migrate_use_stereo(dotted, value)
     parts = dotted.split(".")
     node = cfg
     for i, name in enumerate(parts):

@@ -299,7 +299,7 @@ def test_self_supervised_branch_overfits_and_beats_constant_depth() -> None:
     torch.manual_seed(0)
     batch = synthetic_batch(2, 32, 96, stereo=True, scale=0.05)
     cfg = Config()
-    cfg.data.use_stereo = True
+    cfg.data.u_sources = "stereo"
     cfg.model.init_depth = None
     branch = build_branch("U", cfg).train()
     history = _train(branch, batch, steps=35, lr=1e-3)
@@ -332,7 +332,7 @@ def test_branches_on_bundled_shards(bundled_shards) -> None:
 
     torch.manual_seed(0)
     cfg = Config()
-    cfg.data.use_stereo = True
+    cfg.data.u_sources = "temporal+stereo"
     s_branch, u_branch = build_branch("S", cfg).train(), build_branch("U", cfg).train()
     s_pred, u_pred = s_branch(batch), u_branch(batch)
     assert set(u_pred.extras["poses"]) == {"prev", "next", "stereo"}
@@ -341,3 +341,51 @@ def test_branches_on_bundled_shards(bundled_shards) -> None:
         total.backward()
         assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
         assert terms["distill"].item() > 0
+
+
+# --- U's sources: M / S / MS ------------------------------------------------------------------------
+
+
+def _with_stereo(batch: Batch, stereo: Batch) -> Batch:
+    """``batch`` (prev/next) plus the stereo partner and stereo_T of ``stereo`` (same scenes)."""
+    return Batch(image=batch.image, sources={**batch.sources, "stereo": stereo.sources["stereo"]},
+                 sparse_depth=batch.sparse_depth, K=batch.K, keys=batch.keys, gt_depth=batch.gt_depth,
+                 stereo_T=stereo.stereo_T)
+
+
+@pytest.mark.parametrize(("sources", "warped", "has_pose_net"), [
+    ("temporal", {"prev", "next"}, True), ("stereo", {"stereo"}, False),
+    ("temporal+stereo", {"prev", "next", "stereo"}, True),
+])
+def test_u_sources_select_the_warped_frames(sources: str, warped: set[str], has_pose_net: bool) -> None:
+    """Each mode warps exactly its sources; stereo-only U has no pose network at all, so no pose
+    parameter can be run, trained or handed to an optimiser."""
+    from distill_depth.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    batch = _with_stereo(synthetic_batch(1, 32, 96), synthetic_batch(1, 32, 96, stereo=True))
+    cfg = Config()
+    cfg.data.u_sources = sources
+    branch = build_branch("U", cfg).train()
+    prediction = branch(batch)
+    assert set(prediction.extras["poses"]) == warped
+    assert (branch.pose_net is not None) is has_pose_net
+    has_pose_params = any(name.startswith("pose_net.") for name, _ in branch.named_parameters())
+    assert has_pose_params is has_pose_net
+    total, _ = branch.loss(batch, prediction, None, step=0)
+    total.backward()
+    optimizer = build_optimizer(branch, cfg.optim)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in branch.parameters()}
+    assert len(optimizer.param_groups) == (2 if has_pose_net else 1)
+
+
+def test_u_sources_missing_frames_are_named() -> None:
+    mono, stereo_only = synthetic_batch(1, 32, 96), synthetic_batch(1, 32, 96, stereo=True)
+    cfg = Config()
+    cfg.data.u_sources = "stereo"
+    with pytest.raises(BranchError, match=r"data.u_sources=stereo needs the 'stereo' source.*make-shards --stereo"):
+        build_branch("U", cfg)(mono)
+    cfg.data.u_sources = "temporal"
+    with pytest.raises(BranchError, match=r"data.u_sources=temporal needs source frames \('prev', 'next'\)"):
+        build_branch("U", cfg)(stereo_only)

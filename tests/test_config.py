@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,57 @@ def test_every_enum_value_reads_as_typed_on_the_command_line_and_in_yaml(tmp_pat
 def test_a_boolean_is_still_refused_where_no_choice_reads_as_it():
     with pytest.raises(ConfigError, match=r"loss\.rho: True is not one of"):
         load_config(None, ["loss.rho=on"])
+
+
+# --- data.u_sources (M / S / MS) and the deprecated data.use_stereo ---------------------------------
+
+
+@pytest.mark.parametrize(("row", "sources", "stereo", "temporal"), [
+    ("m", "temporal", False, True), ("s", "stereo", True, False), ("ms", "temporal+stereo", True, True),
+])
+def test_paper_rows_are_configs(row: str, sources: str, stereo: bool, temporal: bool):
+    """configs/kitti_{m,s,ms}.yaml inherit the KITTI recipe and differ in U's sources (and the
+    run folder); the bench equivalents inherit the mutual benchmark run the same way."""
+    repo = Path(__file__).resolve().parent.parent
+    recipe = load_config(repo / "configs" / "kitti_eigen_zhou.yaml")
+    cfg = load_config(repo / "configs" / f"kitti_{row}.yaml")
+    assert cfg.data.u_sources == sources
+    assert (cfg.data.uses_stereo, cfg.data.uses_temporal) == (stereo, temporal)
+    assert cfg.optim == recipe.optim and cfg.model == recipe.model and cfg.data.batch_size == recipe.data.batch_size
+    assert cfg.train.output_dir == f"runs/kitti_{row}"
+    bench = load_config(repo / "configs" / f"bench_{row}.yaml")
+    assert bench.data.u_sources == sources and bench.branches == ("S", "U")
+
+
+@pytest.mark.parametrize(("old", "new"), [("true", "temporal+stereo"), ("false", "temporal")])
+def test_use_stereo_is_a_deprecated_alias(tmp_path: Path, old: str, new: str):
+    """Old configs (and saved run configs) still load, with a warning naming the replacement."""
+    (tmp_path / "old.yaml").write_text(f"data:\n  use_stereo: {old}\n")
+    with pytest.warns(FutureWarning, match=f"data.use_stereo.*deprecated.*data.u_sources={re.escape(new)}"):
+        cfg = load_config(tmp_path / "old.yaml")
+    assert cfg.data.u_sources == new and cfg.data.use_stereo is (old == "true")
+    with pytest.warns(FutureWarning):
+        assert load_config(None, [f"data.use_stereo={old}"]).data.u_sources == new
+    assert "use_stereo" not in cfg.to_dict()["data"]  # saved configs carry only the new key
+    with pytest.raises(ConfigError, match="data.use_stereo: expected true/false"):
+        load_config(None, ["data.use_stereo=maybe"])
+
+
+def test_u_sources_rejects_unknown_modes():
+    with pytest.raises(ConfigError, match=r"data.u_sources: 'video' is not one of"):
+        load_config(None, ["data.u_sources=video"])
+
+
+@pytest.mark.parametrize(("sources", "aligned", "median_scaled_alone"), [
+    ("temporal", True, True), ("stereo", False, False), ("temporal+stereo", False, False),
+])
+def test_scale_rules_follow_the_sources(sources: str, aligned: bool, median_scaled_alone: bool):
+    """``loss.scale_align: auto`` and median scaling ``auto``: stereo in U's sources → metric."""
+    from distill_depth.evaluation.inference import fusion_aligns_u, needs_median_scaling
+    from distill_depth.losses import aligns_u_scale
+
+    cfg = load_config(None, [f"data.u_sources={sources}"])
+    assert aligns_u_scale(cfg.loss.scale_align, cfg.data.uses_stereo) is aligned
+    assert fusion_aligns_u(cfg) is aligned
+    alone = load_config(None, [f"data.u_sources={sources}", "branches=[U]"])
+    assert needs_median_scaling(alone, "auto", "U") is median_scaled_alone

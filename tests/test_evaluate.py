@@ -82,7 +82,7 @@ def test_median_scaling_auto_only_for_a_u_without_metric_signal():
     cfg.loss.distill_direction = "both"
     cfg.branches = ("U",)
     assert needs_median_scaling(cfg, "auto", "U")
-    cfg.data.use_stereo = True
+    cfg.data.u_sources = "temporal+stereo"
     assert not needs_median_scaling(cfg, "auto", "U")
     assert needs_median_scaling(cfg, "on", "S") and not needs_median_scaling(Config(), "off", "U")
 

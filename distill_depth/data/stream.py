@@ -105,8 +105,8 @@ class _SampleDecoder:
 
     def __call__(self, raw: dict) -> dict:
         if self.use_stereo and "stereo.jpg" not in raw:
-            raise ShardError(f"{raw['__url__']}: sample {raw['__key__']} has no stereo.jpg (use_stereo needs "
-                             "shards made with make-shards --stereo)")
+            raise ShardError(f"{raw['__url__']}: sample {raw['__key__']} has no stereo.jpg (a stereo "
+                             "data.u_sources mode needs shards made with make-shards --stereo)")
         if self.use_stereo is False:
             raw.pop("stereo.jpg", None)
         if not in_label_subset(raw["__key__"], self.labelled_fraction, self.label_seed):
@@ -248,8 +248,8 @@ class TrainStream:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
         self.shards = resolve_shards(spec)
         if use_stereo and self.shards.manifest is not None and not self.shards.manifest.get("stereo", False):
-            raise ShardError(f"{spec}: use_stereo needs shards made with make-shards --stereo "
-                             "(the manifest says stereo: false)")
+            raise ShardError(f"{spec}: a stereo data.u_sources mode (stereo, temporal+stereo) needs shards "
+                             "made with make-shards --stereo (the manifest says stereo: false)")
         self.counts = self.shards.sample_counts()
         self.num_samples = sum(self.counts)
         self.batch_size, self.data_rank, self.data_world = batch_size, data_rank, data_world

@@ -144,7 +144,7 @@ def fuse(
 
 def fusion_aligns_u(cfg: Config) -> bool:
     """Whether :func:`fuse` rescales U to S's median: the training rule of ``loss.scale_align``."""
-    return aligns_u_scale(cfg.loss.scale_align, cfg.data.use_stereo)
+    return aligns_u_scale(cfg.loss.scale_align, cfg.data.uses_stereo)
 
 
 def needs_median_scaling(cfg: Config, mode: str, output: str) -> bool:
@@ -158,7 +158,7 @@ def needs_median_scaling(cfg: Config, mode: str, output: str) -> bool:
         return False
     if mode != "auto":
         raise ValueError(f"median scaling must be auto, on or off, got {mode!r}")
-    if output != "U" or cfg.data.use_stereo:
+    if output != "U" or cfg.data.uses_stereo:
         return False
     taught_by_s = "S" in cfg.branches and cfg.loss.distill_direction in ("both", "u_from_s")
     return not taught_by_s

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_depth.train.loop import train  # noqa: PLC0415 (torch, accelerate: slow imports)
 
     distributed = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
+    from distill_depth.data.shard_reader import ShardError  # noqa: PLC0415
     from distill_depth.topology import TopologyError  # noqa: PLC0415
     from distill_depth.train.checkpoint import CheckpointError  # noqa: PLC0415
     from distill_depth.train.deepspeed import DeepSpeedUnavailable  # noqa: PLC0415
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         code = train(cfg, stop_request)
-    except (ConfigError, TopologyError, CheckpointError, DeepSpeedUnavailable, TrackerError) as exc:
+    except (ConfigError, ShardError, TopologyError, CheckpointError, DeepSpeedUnavailable, TrackerError) as exc:
         # A setting that cannot work: say which, without a library traceback.
         print(f"distill-depth train: {exc}", file=sys.stderr)
         sys.stderr.flush()

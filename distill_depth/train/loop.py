@@ -170,7 +170,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     stream = TrainStream(
         cfg.data.train_shards, layout.cell_batch_size(cfg.data.batch_size), topology.data_rank, topology.data_world,
         num_workers=cfg.data.num_workers, seed=cfg.train.seed, samples_per_epoch=cfg.data.samples_per_epoch,
-        use_stereo=cfg.data.use_stereo, shuffle_buffer=cfg.data.shuffle_buffer,
+        use_stereo=cfg.data.uses_stereo, shuffle_buffer=cfg.data.shuffle_buffer,
         labelled_fraction=cfg.data.labelled_fraction, label_seed=cfg.data.label_seed,
     )
     source = BatchSource(stream, position, cfg.train.overfit_batches)
