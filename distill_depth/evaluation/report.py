@@ -18,6 +18,15 @@ COLUMN_TITLES = {
 }
 
 
+def _metric_means(rows: list[dict]) -> dict[str, Any]:
+    """Per metric (and confidence measure), the mean over ``rows`` of its non-NaN values (NaN if none)."""
+    mean: dict[str, Any] = {}
+    for metric in METRIC_NAMES + CONFIDENCE_NAMES:
+        values = [r[metric] for r in rows if not math.isnan(r[metric])]
+        mean[metric] = sum(values) / len(values) if values else float("nan")
+    return mean
+
+
 def summarize(records: list[dict], outputs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Mean of every metric over the images of each output (images without valid pixels skipped).
 
@@ -27,10 +36,7 @@ def summarize(records: list[dict], outputs: tuple[str, ...]) -> dict[str, dict[s
     for name in outputs:
         rows = [r for r in records if r["output"] == name]
         usable = [r for r in rows if r["valid_pixels"] > 0 and not math.isnan(r["abs_rel"])]
-        mean: dict[str, Any] = {}
-        for metric in METRIC_NAMES + CONFIDENCE_NAMES:
-            values = [r[metric] for r in usable if not math.isnan(r[metric])]
-            mean[metric] = sum(values) / len(values) if values else float("nan")
+        mean = _metric_means(usable)
         scales = [r["scale"] for r in usable]
         mean["scale_mean"] = sum(scales) / len(scales) if scales else float("nan")
         mean["num_images"] = len(usable)
@@ -56,10 +62,7 @@ def summarize_regions(records: list[dict], outputs: tuple[str, ...]) -> dict[str
             if not usable:
                 out[name][region] = {"absent": True, "num_images": 0}
                 continue
-            mean: dict[str, Any] = {}
-            for metric in METRIC_NAMES + CONFIDENCE_NAMES:
-                values = [u[metric] for u in usable if not math.isnan(u[metric])]
-                mean[metric] = sum(values) / len(values) if values else float("nan")
+            mean = _metric_means(usable)
             mean.update(absent=False, num_images=len(usable), valid_pixels=sum(u["valid_pixels"] for u in usable))
             out[name][region] = mean
     return out
