@@ -164,7 +164,7 @@ class SupervisedBranch(_Branch):
             # an unlabelled sample's LiDAR (if a caller left any) is no supervision: L_sup' and the
             # held-out L_pf then skip it by construction; the prior variant acts on pixels *without*
             # LiDAR, so it is told which samples count
-            sparse = torch.where(per_pixel, view.sparse_depth.float(), torch.zeros_like(view.sparse_depth.float()))
+            sparse = view.sparse_depth.float().masked_fill(~per_pixel, 0.0)
             lidar = lidar_mask(sparse)
             fit, held = split_held_out(lidar, loss_cfg.pf_fraction if loss_cfg.point_filtering == "held_out" else 0.0)
             image_valid = per_pixel.expand_as(lidar)
