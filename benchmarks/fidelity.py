@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,14 +37,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules below, also when loaded by path
+
+from fidelity_report import (  # noqa: E402
+    BASELINES, TABLE_METRICS, format_curve, format_differences, format_regions, format_table, fraction_curve, label,
+    paired_differences, summarize, write_plots,
+)
 RUNS = ("sup_only", "self_only", "mutual", "no_point_filtering", "same_augmentation", "one_way", "no_distillation")
 DEFAULT_RUNS = RUNS[:-1]
 """``no_distillation`` is left out by default: with per-branch random streams its S equals
 ``sup_only``'s and its U equals ``self_only``'s exactly (it only re-checks that)."""
 QUICK_RUNS = ("sup_only", "self_only", "mutual")
-BASELINES = {"S": "sup_only", "U": "self_only"}
-TABLE_METRICS = (("abs_rel", "AbsRel"), ("sq_rel", "SqRel"), ("rmse", "RMSE"), ("rmse_log", "RMSElog"),
-                 ("a1", "d1"), ("ause", "AUSE"))
+LABEL_FREE_RUNS = ("self_only",)
+"""Runs without branch S: the labelled fraction changes nothing in them, so a sweep runs them once."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class Plan:
     failures: bool = False
     """Synthetic failure modes (moving cars, LiDAR dropout and noise, textureless patches) in train
     and test drives, and per-region evaluation (``evaluate --regions``)."""
+    train_seed: int = 1000
+    """``synth --seed`` of the training drives."""
+    test_seed: int = 2000
+    """``synth --seed`` of the held-out test drives. Settings are chosen on other seeds (``--data-seeds``,
+    e.g. 1100,3000: a tuning split) and only then measured here, so the test drives never pick a setting."""
 
 
 # 22 beams over the HDL-64E's field of view: at 64 rows, one beam every ~2.8 rows, the density
@@ -94,8 +103,8 @@ def _cli(*args: str, log: Path, threads: int = 2) -> None:
 def make_data(work: Path, plan: Plan) -> tuple[Path, Path]:
     """Synthetic train / held-out test drives and their shards (skipped when already there)."""
     shards = {}
-    for split, seed, drives, frames in (("train", 1000, plan.train_drives, plan.train_frames),
-                                        ("test", 2000, plan.test_drives, plan.test_frames)):
+    for split, seed, drives, frames in (("train", plan.train_seed, plan.train_drives, plan.train_frames),
+                                        ("test", plan.test_seed, plan.test_drives, plan.test_frames)):
         raw, out = work / "raw" / split, work / "shards" / split
         if not (out / "manifest.json").is_file():
             if not raw.is_dir():
@@ -111,12 +120,16 @@ def make_data(work: Path, plan: Plan) -> tuple[Path, Path]:
 
 
 def train_and_evaluate(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path],
-                       overrides: tuple[str, ...], threads: int) -> dict:
-    """One (run, seed): train (unless its export exists), evaluate with median scaling auto and on."""
+                       overrides: tuple[str, ...], threads: int, fraction: float = 1.0) -> dict:
+    """One (run, seed, labelled fraction): train (unless its export exists), evaluate with median
+    scaling auto and on. A fraction below 1 keeps the LiDAR of that share of the training samples
+    (``data.labelled_fraction``); evaluation is always on the whole test set."""
     config = REPO / "configs" / f"bench_{run}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config for run {run!r}: {config}")
-    name = f"{run}_seed{seed}"
+    name = label(run, fraction).replace("@", "_f") + f"_seed{seed}"
+    if fraction < 1.0:
+        overrides = (*overrides, f"data.labelled_fraction={fraction:g}")
     run_dir = work / "runs" / name
     timings = {}
     if not (run_dir / "export" / "config.yaml").is_file():
@@ -146,100 +159,6 @@ def train_and_evaluate(run: str, seed: int, work: Path, plan: Plan, shards: tupl
     return result
 
 
-def summarize(per_seed: dict[int, dict]) -> dict:
-    """Mean and (with several seeds) sample standard deviation over seeds of every number."""
-    out: dict = {"seeds": sorted(per_seed)}
-    for key in ("auto", "ms"):
-        branches = sorted({b for r in per_seed.values() for b in r.get(key, {})})
-        out[key] = {}
-        out[f"{key}_std"] = {}
-        for branch in branches:
-            metrics = {m for r in per_seed.values() for m in r[key].get(branch, {})}
-            values = {m: [r[key][branch][m] for r in per_seed.values()
-                          if isinstance(r[key][branch].get(m), (int, float))] for m in metrics}
-            out[key][branch] = {m: statistics.fmean(v) for m, v in values.items() if v}
-            out[f"{key}_std"][branch] = {m: statistics.stdev(v) for m, v in values.items() if len(v) > 1}
-    regions: dict = {}
-    for result in per_seed.values():
-        for output, by_region in result.get("auto_regions", {}).items():
-            for region, value in by_region.items():
-                regions.setdefault(output, {}).setdefault(region, []).append(value)
-    if regions:
-        out["regions_abs_rel"] = {o: {r: statistics.fmean(v) for r, v in rs.items()} for o, rs in regions.items()}
-    first = next(iter(per_seed.values()))
-    out["median_scaling"] = first.get("median_scaling", {})
-    return out
-
-
-def format_regions(results: dict[str, dict]) -> str:
-    """AbsRel per region (rows = run and branch, columns = regions; mean over seeds, metric)."""
-    rows = [(f"{run} {output}", by_region) for run, r in results.items()
-            for output, by_region in r.get("regions_abs_rel", {}).items()]
-    if not rows:
-        return ""
-    regions = sorted({region for _, by_region in rows for region in by_region})
-    first = max(len("AbsRel per region"), *(len(name) for name, _ in rows)) + 1
-    width = max(len(r) for r in regions) + 2
-    lines = ["AbsRel per region".ljust(first) + "".join(r.rjust(width) for r in regions)]
-    for name, by_region in rows:
-        cells = [("-" if by_region.get(r) is None else f"{by_region[r]:.4f}").rjust(width) for r in regions]
-        lines.append(name.ljust(first) + "".join(cells))
-    return "\n".join(lines)
-
-
-def paired_differences(results: dict[str, dict], per_seed: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """AbsRel of each two-branch run minus its single-branch baseline, seed by seed (negative =
-    better): S against S-only, U against U-only; metric, or median-scaled where the U-only
-    baseline has no scale of its own (monocular)."""
-    diffs: dict[str, dict] = {}
-    for run in results:
-        if run in BASELINES.values():
-            continue
-        row = {}
-        for branch, baseline in BASELINES.items():
-            key = "ms" if results.get(baseline, {}).get("median_scaling", {}).get(branch) else "auto"
-            pairs = [(r[key][branch]["abs_rel"], per_seed[baseline][s][key][branch]["abs_rel"])
-                     for s, r in per_seed.get(run, {}).items()
-                     if branch in r.get(key, {}) and s in per_seed.get(baseline, {})]
-            if pairs:
-                deltas = [a - b for a, b in pairs]
-                row[branch] = {"vs": baseline, "metric": "abs_rel" + ("" if key == "auto" else " (median-scaled)"),
-                               "per_seed": deltas, "mean": statistics.fmean(deltas)}
-        if row:
-            diffs[run] = row
-    return diffs
-
-
-def format_table(results: dict[str, dict]) -> str:
-    """Rows = runs; per branch the `auto` metrics then AbsRel median-scaled ('-': branch not trained)."""
-    cells = [f"{b} {t}" for b in ("S", "U") for t in [t for _, t in TABLE_METRICS] + ["AbsRel(ms)"]]
-    width = max(len(c) for c in cells) + 1
-    title = "run (U ms = U median-scaled)"
-    first = max(len(title), *(len(r) + 7 for r in results))
-    lines = [title.ljust(first) + "".join(c.rjust(width) for c in cells)]
-    lines.append("-" * len(lines[0]))
-    for run, result in results.items():
-        name = run + (" (U ms)" if result.get("median_scaling", {}).get("U") else "")
-        row = []
-        for branch in ("S", "U"):
-            mean = result.get("auto", {}).get(branch)
-            values = [None if mean is None else mean.get(key) for key, _ in TABLE_METRICS]
-            values.append(result.get("ms", {}).get(branch, {}).get("abs_rel"))
-            row += [("-" if v is None else f"{v:.4f}").rjust(width) for v in values]
-        lines.append(name.ljust(first) + "".join(row))
-    return "\n".join(lines)
-
-
-def format_differences(diffs: dict[str, dict]) -> str:
-    lines = ["AbsRel minus the single-branch baseline, same seeds (negative = better):"]
-    for run, row in diffs.items():
-        parts = [f"{b} {d['mean']:+.4f} vs {d['vs']}" + (f" (per seed {', '.join(f'{x:+.4f}' for x in d['per_seed'])})"
-                                                         if len(d["per_seed"]) > 1 else "")
-                 for b, d in row.items()]
-        lines.append(f"  {run}: " + "; ".join(parts))
-    return "\n".join(lines)
-
-
 def _exit_on_sigterm() -> None:
     """SIGTERM → SystemExit, so that subprocess.run kills the running child instead of orphaning it."""
     def handler(signum: int, frame: object) -> None:
@@ -253,7 +172,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small data, few steps, the three core runs")
     parser.add_argument("--runs", default=None, help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    parser.add_argument("--fractions", default="1",
+                        help="comma-separated labelled fractions (data.labelled_fraction) of every run with "
+                             "branch S, e.g. 1,0.25,0.05: the semi-supervised curve (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the plan)")
+    parser.add_argument("--data-seeds", default=None, metavar="TRAIN,TEST",
+                        help="synth seeds of the train and test drives (default 1000,2000; tune settings on others)")
     parser.add_argument("--beams", type=int, default=None, help="LiDAR beams of the synthetic data (overrides the plan)")
     parser.add_argument("--failures", action="store_true",
                         help="synthetic failure modes in the drives (moving cars, LiDAR dropout/noise, textureless) "
@@ -275,6 +199,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    try:
+        args.fractions = tuple(sorted({float(f) for f in args.fractions.split(",")}, reverse=True))
+    except ValueError:
+        parser.error(f"--fractions must be comma-separated numbers, got {args.fractions!r}")
+    if not all(0.0 < f <= 1.0 for f in args.fractions):
+        parser.error(f"--fractions must lie in (0, 1], got {args.fractions}")
+    if args.data_seeds is not None:
+        try:
+            args.data_seeds = tuple(int(s) for s in args.data_seeds.split(","))
+        except ValueError:
+            args.data_seeds = ()
+        if len(args.data_seeds) != 2:
+            parser.error("--data-seeds takes TRAIN,TEST (two integers), e.g. 1100,3000")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     bad = [o for o in args.overrides if "=" not in o]
@@ -289,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     plan = replace(plan, **{k: v for k, v in (("steps", args.steps), ("beams", args.beams)) if v is not None},
                    failures=args.failures)
+    if args.data_seeds:
+        plan = replace(plan, train_seed=args.data_seeds[0], test_seed=args.data_seeds[1])
     default_work = Path(tempfile.gettempdir()) / ("distill_depth_fidelity" + ("_quick" if args.quick else "")
                                                   + ("_failures" if args.failures else ""))
     work = args.work or default_work
@@ -309,26 +248,34 @@ def main(argv: list[str] | None = None) -> int:
     shards = make_data(work, plan)
     print(f"data ready in {time.perf_counter() - start:.0f} s: {shards[0]}, {shards[1]}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(run, seed) for run in args.runs for seed in args.seeds]
+    # U alone never sees labels: it runs once, at fraction 1, whatever the sweep
+    labels = {label(run, f): (run, f) for f in args.fractions for run in args.runs
+              if not (run in LABEL_FREE_RUNS and f < 1.0)}
+    if any(run in LABEL_FREE_RUNS for run in args.runs):
+        labels.update({run: (run, 1.0) for run in args.runs if run in LABEL_FREE_RUNS})
+    jobs = [(name, seed) for name in labels for seed in args.seeds]
 
     def one(job: tuple[str, int]) -> tuple[tuple[str, int], dict]:
-        run, seed = job
+        name, seed = job
+        run, fraction = labels[name]
         try:
-            result = train_and_evaluate(run, seed, work, plan, shards, tuple(args.overrides), threads)
-            print(f"{run} seed {seed}: done {result['timings']}", flush=True)
+            result = train_and_evaluate(run, seed, work, plan, shards, tuple(args.overrides), threads, fraction)
+            print(f"{name} seed {seed}: done {result['timings']}", flush=True)
         except (RuntimeError, FileNotFoundError) as exc:
             result = {"error": str(exc)}
-            print(f"{run} seed {seed}: FAILED: {exc}", file=sys.stderr, flush=True)
+            print(f"{name} seed {seed}: FAILED: {exc}", file=sys.stderr, flush=True)
         return job, result
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         finished = dict(pool.map(one, jobs))
-    per_seed = {run: {seed: finished[(run, seed)] for seed in args.seeds if "error" not in finished[(run, seed)]}
-                for run in args.runs}
+    per_seed = {name: {seed: finished[(name, seed)] for seed in args.seeds if "error" not in finished[(name, seed)]}
+                for name in labels}
     results = {run: summarize(seeds) if seeds else {"error": "every seed failed"} for run, seeds in per_seed.items()}
     diffs = paired_differences(results, per_seed)
     output = {"plan": asdict(plan), "overrides": list(args.overrides), "seeds": list(args.seeds), "protocol": "dense",
-              "runs": results, "per_seed": per_seed, "paired_differences": diffs,
+              "fractions": list(args.fractions), "runs": results, "per_seed": per_seed, "paired_differences": diffs,
+              "fraction_curve": {name: {f"{f:g}": v for f, v in points.items()}
+                                 for name, points in fraction_curve(results).items()},
               "errors": {f"{r}_seed{s}": v["error"] for (r, s), v in finished.items() if "error" in v},
               "total_s": round(time.perf_counter() - start, 1)}
     result_file = args.json or work / "fidelity.json"
@@ -336,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if diffs:
         print(format_differences(diffs))
+    if len(args.fractions) > 1:
+        print(format_curve(fraction_curve(results)))
     if plan.failures:
         print(format_regions(results))
+    for path in write_plots(results, result_file.parent):
+        print(f"wrote {path}")
     print(f"{len(args.seeds)} seed(s), {plan.steps} steps, {plan.height}x{plan.width}, {plan.beams}-beam LiDAR; "
           f"total {output['total_s']:.0f} s; wrote {result_file}")
     return 1 if output["errors"] else 0

@@ -66,6 +66,7 @@ class _Branch(nn.Module):
         canonical_depth = canonical[:, :1]
         if view.depth_to_canonical is not None:
             canonical_depth = canonical_depth * view.depth_to_canonical.view(-1, 1, 1, 1)
+        teacher = self._clean_teacher(batch) if self.training and self.cfg.loss.teacher_view == "clean" else None
         return Prediction(
             depth=depths,
             confidence=confs,
@@ -74,7 +75,29 @@ class _Branch(nn.Module):
             canonical_valid=valid,
             keys=list(batch.keys),
             extras={"view": view, "disp": disps},
+            teacher=teacher,
         )
+
+    @torch.no_grad()
+    def _clean_teacher(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(depth, confidence) (B, 1, H, W) on the un-augmented image, for ``loss.teacher_view: clean``.
+
+        Train-mode BatchNorm (the batch's own statistics, as in the student pass) with the running
+        statistics left as they are: the extra pass must not change what evaluation sees.
+        """
+        norms = [m for m in self.depth_net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        tracked = [None if m.num_batches_tracked is None else m.num_batches_tracked.clone() for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 0.0
+            disps, confs = self.depth_net(network_input(batch.image))
+        finally:
+            for m, momentum, count in zip(norms, momenta, tracked):
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+        return self.depth_net.to_depth(disps[0]).float(), confs[0].float()
 
     def _scaled_maps(self, prediction: Prediction, size: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per scale: (disp, depth, confidence) upsampled to ``size`` in fp32 (disparity is the
@@ -100,12 +123,14 @@ class _Branch(nn.Module):
             )
         device = prediction.canonical_depth.device
         mask = prediction.canonical_valid & partner.valid.to(device)
+        relative = self.cfg.loss.distill_gate == "relative"
         term = distill(
             prediction.canonical_depth,
             partner.depth.to(device),
             partner.confidence.to(device),
             mask,
             scale_align=scale_align,
+            student_confidence=prediction.canonical_confidence if relative else None,
         )
         weight = distill_ramp(step, self.cfg.train.max_steps, self.cfg.loss.lambda_distill, self.cfg.loss.distill_warmup)
         return term, weight

@@ -121,6 +121,15 @@ class LossConfig:
     """Which distillation terms are active (ablations: one way only, none)."""
     scale_align: Literal["auto", "on", "off"] = "auto"
     """Median scale alignment k in L_s<-u; auto = on unless ``data.u_sources`` has stereo (metric)."""
+    teacher_view: Literal["own", "clean"] = "own"
+    """Which prediction a branch sends to its partner. ``own``: the one on its own augmented view,
+    mapped back (what its loss sees). ``clean``: an extra forward pass without gradients on the
+    un-augmented image (BatchNorm statistics untouched), so a strongly augmented S teaches with
+    the prediction it would make at test time (FixMatch's rule: targets from the weak view)."""
+    distill_gate: Literal["teacher", "relative"] = "teacher"
+    """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
+    ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),
+    else 0: a branch learns only where its partner is surer than itself."""
     ssim_alpha: float = 0.85
     """α of the photometric error pe = α/2 (1 - SSIM) + (1 - α)|a - b|."""
     lambda_smooth: float = 1e-3

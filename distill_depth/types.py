@@ -125,9 +125,16 @@ class Prediction:
     canonical_valid: Tensor
     keys: list[str]
     extras: dict[str, Any] = field(default_factory=dict)
+    teacher: tuple[Tensor, Tensor] | None = None
+    """(depth, confidence) ``(B, 1, H, W)`` of an extra pass on the un-augmented image
+    (``loss.teacher_view: clean``): sent instead of the canonical maps, valid everywhere."""
 
     def for_partner(self) -> PartnerPrediction:
         """The detached copy that is exchanged with the other branch."""
+        if self.teacher is not None:
+            depth, confidence = self.teacher
+            valid = torch.ones_like(self.canonical_valid, dtype=torch.bool)
+            return PartnerPrediction(depth.detach().float(), confidence.detach().float(), valid, list(self.keys))
         return PartnerPrediction(
             self.canonical_depth.detach().float(),
             self.canonical_confidence.detach().float(),

@@ -389,3 +389,34 @@ def test_u_sources_missing_frames_are_named() -> None:
     cfg.data.u_sources = "temporal"
     with pytest.raises(BranchError, match=r"data.u_sources=temporal needs source frames \('prev', 'next'\)"):
         build_branch("U", cfg)(stereo_only)
+
+
+def test_clean_teacher_view_sends_the_unaugmented_prediction(batch: Batch) -> None:
+    """teacher_view=clean: S sends what it predicts on the un-augmented image (equal to a pass in
+    train mode without augmentation), valid everywhere; BatchNorm running statistics unchanged
+    by that extra pass; the student side still uses the augmented view."""
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.loss.teacher_view = "clean"
+    s_branch = build_branch("S", cfg).train()
+    norms = [m for m in s_branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    torch.manual_seed(1)
+    s_pred = s_branch(batch)
+    after_student_and_teacher = [m.running_mean.clone() for m in norms]
+    sent = s_pred.for_partner()
+    assert sent.valid.all()
+    with torch.no_grad():
+        reference = s_branch.depth_net(batch.image)
+    assert torch.allclose(sent.depth, s_branch.depth_net.to_depth(reference[0][0]), rtol=1e-5)
+    assert torch.allclose(sent.confidence, reference[1][0], atol=1e-6)
+    assert not torch.allclose(sent.depth, s_pred.canonical_depth.detach().nan_to_num(), rtol=1e-3)
+
+    cfg.loss.teacher_view = "own"
+    torch.manual_seed(0)
+    own_branch = build_branch("S", cfg).train()
+    torch.manual_seed(1)
+    own_branch(batch)
+    own_norms = [m for m in own_branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for clean, own in zip(after_student_and_teacher, own_norms):
+        assert torch.equal(clean, own.running_mean)  # only the student pass moved the statistics
+    assert own_branch(batch).teacher is None

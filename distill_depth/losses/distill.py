@@ -53,12 +53,16 @@ def distill(
     teacher_confidence: Tensor,
     mask: Tensor,
     scale_align: bool = False,
+    student_confidence: Tensor | None = None,
 ) -> Tensor:
     """Confidence-weighted log-depth L1 from a detached teacher, either direction:
 
         L_s<-u = mean_p [ sg(C_u(p)) · |log D_s(p) − log(sg(D_u(p)) · k)| ]   (scale_align=True)
         L_u<-s = mean_p [ sg(C_s(p)) · |log D_u(p) − log sg(D_s(p))| ]        (scale_align=False)
 
+    With ``student_confidence`` (``loss.distill_gate: relative``) the weight is
+    sg(C_teacher) · [C_teacher > sg(C_student)]: the student learns only where the teacher is
+    surer than itself.
     k = median(D_s) / median(D_u) per image (detached) over the compared pixels. p ranges over
     ``mask`` (B, 1, H, W) bool — both branches' canonical valid masks — and the pixels where both
     depths are finite and positive. All maps are full-resolution canonical-frame (B, 1, H, W).
@@ -72,4 +76,7 @@ def distill(
     student = sanitize(student_depth, mask, 1.0)
     teacher = sanitize(teacher_depth, mask, 1.0)
     weight = sanitize(teacher_confidence, mask, 0.0).clamp(0.0, 1.0)
+    if student_confidence is not None:
+        student_confidence = sanitize(student_confidence.detach(), mask, 1.0)
+        weight = torch.where(weight > student_confidence, weight, torch.zeros_like(weight))
     return masked_mean(weight * (torch.log(student) - torch.log(teacher)).abs(), mask)

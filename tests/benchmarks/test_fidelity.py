@@ -92,3 +92,52 @@ def test_region_means_over_seeds_and_their_table() -> None:
     assert len(lines) == 2 and "above_top_beam" in lines[0] and "moving" in lines[0]
     assert lines[1].split() == ["sup_only", "S", "0.6000", "0.3000"]
     assert fidelity.format_regions({"self_only": fidelity.summarize({0: _seed_result(None, 0.5)})}) == ""
+
+
+def test_label_fraction_sweep_pairs_each_fraction_with_its_own_baseline(tmp_path: Path) -> None:
+    """S at fraction f is compared with S-only at the same f; U with the one U-only run (U sees
+    no labels); the curve has one series per run and branch, and both plots are written."""
+    per_seed = {
+        "sup_only": {0: _seed_result(0.20, None), 1: _seed_result(0.22, None)},
+        "sup_only@0.25": {0: _seed_result(0.30, None), 1: _seed_result(0.34, None)},
+        "self_only": {0: _seed_result(None, 0.25), 1: _seed_result(None, 0.27)},
+        "mutual": {0: _seed_result(0.21, 0.24), 1: _seed_result(0.21, 0.26)},
+        "mutual@0.25": {0: _seed_result(0.24, 0.25), 1: _seed_result(0.36, 0.27)},
+    }
+    for seeds in per_seed.values():  # U metric (stereo) everywhere, as in the benchmark's plan
+        for result in seeds.values():
+            result["median_scaling"] = {b: False for b in result["auto"]}
+            result["auto_regions"] = {b: {"moving": 0.5, "above_top_beam": 0.4} for b in result["auto"]}
+    results = {name: fidelity.summarize(seeds) for name, seeds in per_seed.items()}
+    diffs = fidelity.paired_differences(results, per_seed)
+    assert set(diffs) == {"mutual", "mutual@0.25"}
+    s_quarter = diffs["mutual@0.25"]["S"]
+    assert s_quarter["vs"] == "sup_only@0.25" and s_quarter["per_seed"] == pytest.approx([-0.06, 0.02])
+    assert s_quarter["relative_per_seed"] == pytest.approx([-0.2, 0.02 / 0.34])
+    assert s_quarter["better_every_seed"] is False
+    assert diffs["mutual@0.25"]["U"]["vs"] == "self_only"
+    assert diffs["mutual"]["S"]["better_every_seed"] is False and diffs["mutual"]["S"]["mean"] == pytest.approx(0.0)
+
+    curve = fidelity.fraction_curve(results)
+    assert curve["sup_only S"] == pytest.approx({1.0: 0.21, 0.25: 0.32})
+    assert curve["mutual S"] == pytest.approx({1.0: 0.21, 0.25: 0.30})
+    assert curve["self_only U"] == pytest.approx({1.0: 0.46, 0.25: 0.46})  # flat: U-only has no fraction
+    table = fidelity.format_curve(curve).splitlines()
+    assert table[0].split()[-2:] == ["1", "0.25"] and table[1].split()[-2:] == ["0.2100", "0.3200"]
+
+    written = fidelity.write_plots(results, tmp_path)
+    assert [p.name for p in written] == ["fidelity_fractions.png", "fidelity_regions.png"]
+    from PIL import Image
+
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == (900, 520)
+            assert len(set(image.convert("RGB").getdata())) > 5  # lines, bars and text were drawn
+
+
+def test_fractions_flag_is_checked() -> None:
+    args = fidelity._parse_args(["--quick", "--fractions", "0.05,1,0.25"])
+    assert args.fractions == (1.0, 0.25, 0.05)
+    with pytest.raises(SystemExit):
+        fidelity._parse_args(["--fractions", "0,1"])
+    assert fidelity.label("mutual", 1.0) == "mutual" and fidelity.label("mutual", 0.05) == "mutual@0.05"

@@ -128,3 +128,18 @@ def test_u_scale_is_aligned_only_when_u_has_no_metric_scale_unless_forced(
     scale_align: str, use_stereo: bool, expected: bool
 ) -> None:
     assert aligns_u_scale(scale_align, use_stereo) is expected
+
+
+def test_relative_gate_keeps_only_pixels_where_the_teacher_is_surer() -> None:
+    """distill_gate=relative: weight sg(C_t)·[C_t > C_s]; the student's confidence gets no gradient."""
+    student = torch.full((1, 1, 2, 2), 2.0, requires_grad=True)
+    teacher = torch.full((1, 1, 2, 2), 4.0)
+    teacher_conf = torch.tensor([[[[0.9, 0.5], [0.3, 0.8]]]])
+    student_conf = torch.tensor([[[[0.5, 0.6], [0.3, 0.1]]]]).requires_grad_()
+    value = distill(student, teacher, teacher_conf, torch.ones(1, 1, 2, 2, dtype=torch.bool),
+                    student_confidence=student_conf)
+    # kept: 0.9 (> 0.5) and 0.8 (> 0.1); 0.5 < 0.6 and the tie 0.3 = 0.3 are dropped
+    assert value.item() == pytest.approx(math.log(2.0) * (0.9 + 0.8) / 4.0, rel=1e-5)
+    value.backward()
+    assert student_conf.grad is None
+    assert (student.grad != 0).flatten().tolist() == [True, False, False, True]
