@@ -34,7 +34,8 @@ class DataConfig:
     val_shards: str | None = str(BUNDLED_SHARDS / "val")
     """Validation shards (same forms as ``train_shards``); ``None`` disables validation."""
     batch_size: int = 4
-    """Samples per U rank per step. An S rank of a cell with r U ranks sees r·batch_size."""
+    """Samples per U rank per micro-step (``train.grad_accum`` of them make one optimiser step). An S
+    rank of a cell with r U ranks sees r·batch_size."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 decodes in the training process)."""
     shuffle_buffer: int = 64
