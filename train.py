@@ -1,6 +1,6 @@
 """Entry point for launchers: ``accelerate launch train.py --config configs/default.yaml [key=value ...]``.
 
-Same arguments as ``distill-depth train``; see README.md, "Training".
+Same arguments as ``distill-depth train``; see docs/training.md.
 """
 
 import sys

@@ -34,7 +34,8 @@ class DataConfig:
     val_shards: str | None = str(BUNDLED_SHARDS / "val")
     """Validation shards (same forms as ``train_shards``); ``None`` disables validation."""
     batch_size: int = 4
-    """Samples per U rank per step. An S rank of a cell with r U ranks sees r·batch_size."""
+    """Samples per U rank per micro-step (``train.grad_accum`` of them make one optimiser step). An S
+    rank of a cell with r U ranks sees r·batch_size."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 decodes in the training process)."""
     shuffle_buffer: int = 64
@@ -53,7 +54,7 @@ class DataConfig:
     labelled when a hash of ``(label_seed, key)`` falls below it, so the subset is identical on every
     rank, after resume and for any world size. The others train S only through L_s<-u. Samples
     already unlabelled in the shards (``make-shards --keep-unlabelled``) stay unlabelled.
-    Validation and evaluation always read every label."""
+    Validation and evaluation always read every label. Logged as ``S/labelled_share``."""
     label_seed: int = 0
     """Seed of the labelled subset (another seed, another subset of the same size)."""
 
@@ -102,9 +103,10 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     tau_s: float = 0.1
-    """τ_s: error at which S's optimal confidence starts to fall below 1."""
+    """τ_s of L_sup' and L_pf: the error at which S's optimal confidence starts to fall below 1
+    (optimal C = min(1, τ_s/ρ))."""
     tau_u: float = 0.05
-    """τ_u: the same for U's photometric error."""
+    """τ_u of L_self: the same for U's photometric error."""
     rho: Literal["log", "l1"] = "log"
     """Per-pixel supervised error ρ: |log D - log D*| or |D - D*| in metres."""
     point_filtering: Literal["held_out", "prior", "none"] = "held_out"
@@ -143,7 +145,8 @@ class AugmentConfig:
     s_strength: Literal["weak", "strong"] = "strong"
     """Augmentation of branch S (``weak`` = the same as U: the "same augmentation" ablation)."""
     u_strength: Literal["weak", "strong"] = "weak"
-    """Augmentation of branch U."""
+    """Augmentation of branch U (``strong`` includes the rotation, which U cannot use: its warps
+    need the exact intrinsics K)."""
     flip_p: float = 0.5
     """Probability of a horizontal flip (both branches)."""
     jitter: float = 0.2
@@ -171,15 +174,15 @@ class TopologyConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
-    """Peak learning rate of both branches (Adam)."""
+    """Peak learning rate of both branches (AdamW; ``weight_decay: 0`` is Adam)."""
     lr_pose: float | None = None
-    """Learning rate of the pose network (default: ``lr``)."""
+    """Learning rate of the pose network, its own parameter group in U's optimiser (default: ``lr``)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up steps."""
+    """Linear learning-rate warm-up steps, from lr/warmup_steps to lr."""
     schedule: Literal["constant", "step", "cosine"] = "step"
     """After warm-up: constant, step decay (×``decay_factor`` at each milestone) or cosine."""
     milestones: tuple[float, ...] = (0.75,)
@@ -197,13 +200,14 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Run folder: resolved config, checkpoints, exports, logs. The same folder resumes."""
     seed: int = 0
-    """Seed of model init, data order and augmentation."""
+    """Seed of model init (per branch, independent of the placement), data order and augmentation
+    (per branch replica)."""
     resume: str = "auto"
     """``auto``: continue from the newest complete checkpoint in ``output_dir``; ``none``; or a path."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast dtype of the networks; losses always run in fp32."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimiser step."""
+    """Micro-batches accumulated per optimiser step (DDP synchronises only on the last)."""
     deepspeed: Literal["none", "zero1", "zero2"] = "none"
     """DeepSpeed ZeRO stage per branch group (GPU only); each group gets its own engine."""
     log_every: int = 10
@@ -219,13 +223,14 @@ class TrainConfig:
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a new one is complete."""
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    """Tracker. W&B honours ``WANDB_MODE=offline``."""
+    """Tracker. W&B honours ``WANDB_MODE=offline``; ``tensorboard`` needs ``pip install tensorboard``."""
     wandb_project: str = "distill-depth"
     """W&B project name."""
     run_name: str | None = None
     """Run name and stable tracker id (default: the output folder's name)."""
     timeout_s: float = 300.0
-    """Collective timeout: a dead rank makes the others fail after at most this long."""
+    """Collective timeout: a dead rank makes the others fail after at most this long; the
+    watchdog ends a rank after 2× this without progress."""
     overfit_batches: int = 0
     """Debug/overfit check: repeat the first N micro-batches of the stream forever (0: off)."""
 

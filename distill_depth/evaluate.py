@@ -78,7 +78,7 @@ def _load(checkpoint: str, choice: str, device: Any) -> tuple[dict, Any]:
 
 
 def _load_branches(checkpoint: str, choice: str, device: Any) -> tuple[dict, Any]:
-    from distill_depth.train.checkpoint import load_branches
+    from distill_depth.checkpoint_io import load_branches
 
     if choice in ("S", "U"):
         return load_branches(checkpoint, names=(choice,), device=device)

@@ -1,6 +1,6 @@
 """Pinhole geometry: back-projection, rigid transforms, projection, view warping, intrinsics.
 
-Conventions (the whole project follows them; see the README, "Geometry and augmentation conventions"):
+Conventions (the whole project follows them; see docs/geometry.md):
 
 - ``K`` is ``(B, 3, 3)`` in **0-based pixel-centre** coordinates at the tensor's resolution: the
   centre of pixel column ``u`` is ``x = u`` (not ``u + 0.5``). Pixel edges lie at ``-0.5`` and

@@ -166,7 +166,7 @@ def predict_files(models: dict[str, Any], paths: list[Path], options: PredictOpt
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill_depth.train.checkpoint import load_branches
+    from distill_depth.checkpoint_io import load_branches
 
     if (args.height is None) != (args.width is None):
         print("distill-depth predict: error: give both --height and --width, or neither", file=sys.stderr)

@@ -25,7 +25,8 @@ class PoseNet(nn.Module):
     deepest feature map, two 3×3 convs, a 1×1 conv to 6 numbers per location, spatial mean; the
     rotation is ×0.01, the translation ×``cfg.pose_translation_scale``.
 
-    Why not Monodepth2's head as is (measured from random initialisation, README "Our readings"):
+    Why not Monodepth2's head as is (measured from random initialisation; docs/method.md,
+    "Our readings where the paper is unknown"):
     its ReLUs died (every image got the same pose), hence ELU. The last conv starts at zero, so
     training starts from the identity motion exactly (Monodepth2 gets near it by scaling
     everything by 0.01). The translation scale sets the units the head reaches: once depth is

@@ -1,4 +1,6 @@
-"""Step-numbered, atomic checkpoints of both branches; resume; final export; ``load_branches``.
+"""Step-numbered, atomic checkpoints of both branches; resume; final export.
+
+``load_branches`` (reading a run back) lives in ``distill_depth.checkpoint_io`` and is re-exported.
 
 Layout of ``{output_dir}/checkpoints/step_{N:08d}/``::
 
@@ -16,34 +18,39 @@ that every rank sees (one node, or a shared file system across nodes).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from distill_depth.config import Config, config_from_dict, save_config
+# The reading side (and the layout constants) is shared with evaluation and prediction, which
+# must not import the trainer; re-exported here for code that imported it from this module.
+from distill_depth.checkpoint_io import (
+    MARKER,
+    STEP_DIR,
+    CheckpointError,
+    complete_checkpoints,
+    device_name,
+    load_branches,
+)
+from distill_depth.config import Config, save_config
 from distill_depth.train.distributed import barrier
 from distill_depth.train.rng import BranchStreams, rng_state, set_rng_state
 
+__all__ = [
+    "MARKER", "STEP_DIR", "BranchState", "CheckpointError", "DataPosition", "checkpoint_dir",
+    "complete_checkpoints", "export_branches", "load_branches", "load_checkpoint", "resolve_resume",
+    "save_checkpoint", "write_export_meta",
+]
+
 log = logging.getLogger(__name__)
-
-MARKER = "COMPLETE"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint/export path that does not hold what was asked for."""
-
 
 @dataclass
 class DataPosition:
@@ -75,15 +82,6 @@ class BranchState:
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
 def save_checkpoint(
@@ -168,7 +166,7 @@ def load_checkpoint(
         if branch.engine is not None:
             branch.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=True)
             continue
-        load_model(branch.model, str(folder / "model.safetensors"), strict=True, device=_device_name(device))
+        load_model(branch.model, str(folder / "model.safetensors"), strict=True, device=device_name(device))
         branch.optimizer.load_state_dict(_load(folder / "optimizer.pt", device))
         branch.scheduler.load_state_dict(_load(folder / "scheduler.pt", device))
         if branch.scaler is not None and (folder / "scaler.pt").is_file():
@@ -185,11 +183,6 @@ def load_checkpoint(
     else:
         log.warning("checkpoint %s has no RNG state for rank %d (world changed?): RNG not restored", path, rank)
     return int(state["step"]), DataPosition(int(state["epoch"]), int(state["batch_in_epoch"]))
-
-
-def _device_name(device: torch.device) -> str:
-    """safetensors wants ``cpu`` (not ``cpu:0``, which accelerate's CPU ranks report) or ``cuda:N``."""
-    return "cpu" if device.type == "cpu" else str(device)
 
 
 def _load(path: Path, device: torch.device) -> Any:
@@ -213,51 +206,3 @@ def write_export_meta(output_dir: str | Path, cfg: Config, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     (folder / "state.json").write_text(json.dumps({"step": step}))
-
-
-def _weights_location(path: Path) -> tuple[Path, dict[str, Path]]:
-    """(config file, {branch: safetensors file}) for a run / checkpoint / export folder."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"load_branches: {path} does not exist")
-    if (path / MARKER).is_file():
-        return path / "config.yaml", {n: path / n / "model.safetensors" for n in ("S", "U")}
-    if (path / "config.yaml").is_file() and any(path.glob("*.safetensors")):
-        return path / "config.yaml", {n: path / f"{n}.safetensors" for n in ("S", "U")}
-    candidates: list[tuple[int, Path]] = []
-    export = path / "export"
-    if (export / "config.yaml").is_file():
-        meta = export / "state.json"
-        step = json.loads(meta.read_text())["step"] if meta.is_file() else -1
-        candidates.append((step, export))
-    found = complete_checkpoints(path)
-    if found:
-        candidates.append((int(STEP_DIR.match(found[-1].name).group(1)), found[-1]))  # type: ignore[union-attr]
-    if not candidates:
-        raise CheckpointError(f"load_branches: {path} is no run, checkpoint or export folder")
-    # The newer wins; on a tie the export (the final weights of the run).
-    _, best = max(candidates, key=lambda c: (c[0], c[1].name == "export"))
-    return _weights_location(best)
-
-
-def load_branches(path: str | Path, names: tuple[str, ...] = ("S", "U"), device: str | torch.device = "cpu"
-                  ) -> tuple[dict[str, nn.Module], Config]:
-    """Branches with trained weights, in eval mode, and the run's config.
-
-    ``path``: a run folder (the newer of its export and its newest complete checkpoint), a
-    checkpoint folder (``.../checkpoints/step_N``) or an export folder.
-    """
-    from distill_depth.branches import build_branch
-
-    config_file, files = _weights_location(Path(path))
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    models: dict[str, nn.Module] = {}
-    for name in names:
-        if not files[name].is_file():
-            raise CheckpointError(f"load_branches: no weights for branch {name} at {files[name]}")
-        # The trained weights replace any initialisation: never read ImageNet files here.
-        build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none"))
-        model = build_branch(name, build_cfg)
-        load_model(model, str(files[name]), strict=True, device=_device_name(torch.device(device)))
-        models[name] = model.to(device).eval()
-    return models, cfg

@@ -73,7 +73,7 @@ def make_accelerator(timeout_s: float) -> Any:
         raise RuntimeError(
             f"launcher started {world} processes but accelerate sees {accelerator.num_processes}: "
             "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun, "
-            "not `--cpu` (see the README, section Training)"
+            "not `--cpu` (see docs/training.md)"
         )
     return accelerator
 
