@@ -29,6 +29,7 @@ from distill_depth.losses import (
     upsample,
 )
 from distill_depth.losses.common import masked_mean
+from distill_depth.losses.photometric import LARGE_ERROR
 from distill_depth.losses.supervised import lidar_mask
 from distill_depth.models import DepthNet, PoseNet
 from distill_depth.types import Batch, PartnerPrediction, Prediction
@@ -299,8 +300,15 @@ class SelfSupervisedBranch(_Branch):
             for scale, (disp, depth, conf) in enumerate(self._scaled_maps(prediction, size)):
                 depth = depth if to_true is None else depth * to_true
                 warped, valid = zip(*(warp_to_target(src, depth, poses[n], K) for n, src in zip(poses, sources)))
-                pe_min, mask = photometric(target, list(warped), list(valid), alpha=loss_cfg.ssim_alpha, identity=identity)
-                photo_terms.append(self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))
+                pe_min, mask, unmasked = photometric(
+                    target, list(warped), list(valid), alpha=loss_cfg.ssim_alpha, identity=identity, return_unmasked=True
+                )
+                if loss_cfg.u_confidence_pixels == "all":
+                    # depth still learns on the kept pixels only; the confidence also on the dropped ones
+                    error = torch.where(mask, pe_min, unmasked.detach())
+                    photo_terms.append(self_confidence_nll(error, conf, unmasked < LARGE_ERROR, loss_cfg.tau_u))
+                else:
+                    photo_terms.append(self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))
                 native = prediction.extras["disp"][scale].float()
                 image_s = F.interpolate(target, size=native.shape[-2:], mode="area") if scale else target
                 smooth_terms.append(smoothness(native, image_s) / 2**scale)

@@ -128,6 +128,11 @@ class LossConfig:
     mapped back (what its loss sees). ``clean``: an extra forward pass without gradients on the
     un-augmented image (BatchNorm statistics untouched), so a strongly augmented S teaches with
     the prediction it would make at test time (FixMatch's rule: targets from the weak view)."""
+    u_confidence_pixels: Literal["kept", "all"] = "kept"
+    """Where U's confidence is trained. ``kept``: the pixels auto-masking keeps (with the depth).
+    ``all``: every pixel with a finite error; where auto-masking drops a pixel (objects moving
+    with the camera, no parallax) the confidence still learns the detached warped error there,
+    so U does not teach its partner with an untrained confidence where it had no evidence."""
     distill_gate: Literal["teacher", "relative"] = "teacher"
     """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
     ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),

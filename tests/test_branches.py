@@ -4,6 +4,7 @@ and overfitting a handful of synthetic samples with real photometric consistency
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -420,3 +421,29 @@ def test_clean_teacher_view_sends_the_unaugmented_prediction(batch: Batch) -> No
     for clean, own in zip(after_student_and_teacher, own_norms):
         assert torch.equal(clean, own.running_mean)  # only the student pass moved the statistics
     assert own_branch(batch).teacher is None
+
+
+def test_u_confidence_on_all_pixels_trains_it_where_automasking_drops_them() -> None:
+    """u_confidence_pixels=all: on a batch whose sources equal the target (a static camera), auto-
+    masking drops every pixel. With ``kept`` U's confidence gets no gradient at all; with ``all``
+    it learns the warped error there, while the depth still gets no photometric gradient."""
+    static = synthetic_batch(2, H, W)
+    static = replace(static, sources={k: static.image.clone() for k in static.sources})
+    grads = {}
+    for pixels in ("kept", "all"):
+        torch.manual_seed(0)
+        cfg = Config()
+        cfg.loss.u_confidence_pixels = pixels
+        cfg.loss.lambda_smooth = 0.0
+        u_branch = build_branch("U", cfg).train()
+        prediction = u_branch(static)
+        total, _ = u_branch.loss(static, prediction, None, 0)
+        total.backward()
+        head = u_branch.depth_net.decoder
+        grads[pixels] = {name: p.grad.abs().sum().item() if p.grad is not None else 0.0
+                         for name, p in head.named_parameters()}
+    conf_kept = sum(v for k, v in grads["kept"].items() if "conf" in k)
+    conf_all = sum(v for k, v in grads["all"].items() if "conf" in k)
+    assert conf_kept == 0.0 and conf_all > 0.0
+    disp_all = sum(v for k, v in grads["all"].items() if "disp" in k)
+    assert disp_all == 0.0

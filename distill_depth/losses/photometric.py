@@ -95,7 +95,8 @@ def photometric(
     sources: Sequence[Tensor] | None = None,
     alpha: float = 0.85,
     identity: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_unmasked: bool = False,
+) -> tuple[Tensor, ...]:
     """Per-pixel minimum reprojection error over sources, with Monodepth2 auto-masking.
 
         pe_min(p) = min_{k valid at p} pe(I_t, I_{k→t})(p)   (min over all k where none is valid)
@@ -109,7 +110,9 @@ def photometric(
     its border-padded error still counts (Monodepth2 keeps those pixels: masking them would cut
     the gradient that pulls a badly initialised depth back into view). Pixels where an un-warped
     source already matches better (static camera, objects moving with the camera) are excluded.
-    Returns (pe_min (B, 1, H, W), mask (B, 1, H, W) bool).
+    Returns (pe_min (B, 1, H, W), mask (B, 1, H, W) bool); with ``return_unmasked`` also the
+    minimum before auto-masking (LARGE_ERROR where an input pixel is not finite), the error a
+    confidence can be trained against on the pixels auto-masking leaves out.
     """
     if len(warped) == 0 or len(warped) != len(warp_valid):
         raise ValueError(f"photometric: need one validity mask per warped source, got {len(warped)}/{len(warp_valid)}")
@@ -121,8 +124,8 @@ def photometric(
         identity = identity_error(target, sources, alpha)
     if identity is not None:
         mask = mask & (pe_min < identity)
-    pe_min = torch.where(mask, pe_min, 0.0)
-    return pe_min, mask
+    masked = torch.where(mask, pe_min, 0.0)
+    return (masked, mask, pe_min) if return_unmasked else (masked, mask)
 
 
 @fp32
