@@ -20,6 +20,7 @@ from distill_depth.losses import (
     distill,
     distill_ramp,
     identity_error,
+    lidar_trust,
     photometric,
     point_filtering,
     self_confidence_nll,
@@ -110,7 +111,8 @@ class _Branch(nn.Module):
         return maps
 
     def _distill_term(
-        self, prediction: Prediction, partner: PartnerPrediction | None, step: int, scale_align: bool
+        self, prediction: Prediction, partner: PartnerPrediction | None, step: int, scale_align: bool,
+        image_weight: Tensor | None = None,
     ) -> tuple[Tensor, float]:
         """(L_student<-partner, its ramped weight); (0, 0) when alone or disabled by ``loss.distill_direction``."""
         zero = torch.zeros((), dtype=torch.float32, device=prediction.canonical_depth.device)
@@ -132,6 +134,7 @@ class _Branch(nn.Module):
             mask,
             scale_align=scale_align,
             student_confidence=prediction.canonical_confidence if relative else None,
+            image_weight=image_weight,
         )
         weight = distill_ramp(step, self.cfg.train.max_steps, self.cfg.loss.lambda_distill, self.cfg.loss.distill_warmup)
         return term, weight
@@ -158,8 +161,32 @@ class SupervisedBranch(_Branch):
     name = "S"
     distill_direction = "s_from_u"
 
+    TRUST_MOMENTUM = 0.9
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, cfg.augment.s_strength)
+        if cfg.loss.partner_trust == "lidar":
+            # state only when the option is on: exports of runs without it load unchanged
+            self.register_buffer("partner_trust", torch.ones(()))
+
+    def _partner_trust(self, batch: Batch, prediction: Prediction, partner: PartnerPrediction | None,
+                       labelled: Tensor, align: bool) -> Tensor | None:
+        """(B,) factor on L_s<-u (``loss.partner_trust: lidar``), or None. Labelled images get their
+        own t; the others the batch's labelled mean, else the running mean, which is updated here."""
+        if self.cfg.loss.partner_trust != "lidar" or partner is None:
+            return None
+        device = prediction.canonical_depth.device
+        sparse = batch.sparse_depth.to(device).float().masked_fill(~labelled.view(-1, 1, 1, 1), 0.0)
+        mask = prediction.canonical_valid & partner.valid.to(device)
+        trust, has_lidar = lidar_trust(prediction.canonical_depth, partner.depth.to(device), sparse, mask, align)
+        if has_lidar.any():
+            measured = trust[has_lidar].mean()
+            if self.training:
+                self.partner_trust.mul_(self.TRUST_MOMENTUM).add_((1 - self.TRUST_MOMENTUM) * measured)
+            fill = measured
+        else:
+            fill = self.partner_trust
+        return torch.where(has_lidar, trust, fill.to(trust.dtype))
 
     def forward(self, batch: Batch) -> Prediction:
         """Augment (train mode only), predict per scale, map full resolution back to the canonical frame."""
@@ -206,7 +233,8 @@ class SupervisedBranch(_Branch):
             sup = torch.stack(sup_terms).mean()
             pf = torch.stack(pf_terms).mean()
             align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
-            distill_term, weight = self._distill_term(prediction, partner, step, align)
+            trust = self._partner_trust(batch, prediction, partner, labelled, align)
+            distill_term, weight = self._distill_term(prediction, partner, step, align, trust)
             total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
             conf0 = prediction.confidence[0].float()
             terms = {
@@ -219,6 +247,8 @@ class SupervisedBranch(_Branch):
                 "lidar_fraction": lidar.float().mean(),
                 "labelled_share": labelled.float().mean(),
             }
+            if trust is not None:
+                terms["partner_trust"] = trust.mean()
         return total, {k: v.detach().float() for k, v in terms.items()}
 
 

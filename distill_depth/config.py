@@ -133,6 +133,12 @@ class LossConfig:
     ``all``: every pixel with a finite error; where auto-masking drops a pixel (objects moving
     with the camera, no parallax) the confidence still learns the detached warped error there,
     so U does not teach its partner with an untrained confidence where it had no evidence."""
+    partner_trust: Literal["none", "lidar"] = "none"
+    """An extra per-image factor on S's L_s<-u weight. ``lidar``: t = min(1, S's median log error /
+    U's median log error) at the image's LiDAR points (``losses.lidar_trust``); an image without
+    LiDAR gets the running mean of t (momentum ``0.9``, kept in S's state). U's confidence comes from
+    photometric errors and says nothing about a wrong scale or a wrong surface that warps well;
+    the LiDAR does."""
     distill_gate: Literal["teacher", "relative"] = "teacher"
     """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
     ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),

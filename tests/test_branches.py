@@ -447,3 +447,28 @@ def test_u_confidence_on_all_pixels_trains_it_where_automasking_drops_them() -> 
     assert conf_kept == 0.0 and conf_all > 0.0
     disp_all = sum(v for k, v in grads["all"].items() if "disp" in k)
     assert disp_all == 0.0
+
+
+def test_partner_trust_scales_s_from_u_by_the_lidar_error_ratio(batch: Batch) -> None:
+    """partner_trust=lidar: a partner whose depth is off by a factor 2 at the LiDAR points is
+    trusted less than one that equals S's own prediction; the running trust moves toward the
+    measured value and lives in S's state_dict only when the option is on."""
+    assert "partner_trust" not in build_branch("S", Config()).state_dict()
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.loss.partner_trust = "lidar"
+    cfg.loss.distill_warmup = 0
+    cfg.loss.scale_align = "off"  # aligned, a factor 2 would cost the partner nothing
+    s_branch = build_branch("S", cfg).train()
+    assert "partner_trust" in s_branch.state_dict()
+    torch.manual_seed(1)
+    prediction = s_branch(batch)
+    own = prediction.for_partner()
+    good = replace(own, depth=batch.gt_depth.clone(), confidence=torch.ones_like(own.confidence))
+    bad = replace(good, depth=batch.gt_depth * 2.0)
+    _, good_terms = s_branch.loss(batch, prediction, good, 10)
+    after_good = s_branch.partner_trust.item()
+    _, bad_terms = s_branch.loss(batch, prediction, bad, 10)
+    assert good_terms["partner_trust"].item() == pytest.approx(1.0)  # the truth: trusted fully
+    assert 0.0 < bad_terms["partner_trust"].item() < 0.99  # an untrained S errs by ~0.67 in log, the partner by log 2
+    assert s_branch.partner_trust.item() < after_good

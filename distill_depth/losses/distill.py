@@ -47,6 +47,36 @@ def median_scale(student_depth: Tensor, teacher_depth: Tensor, mask: Tensor) -> 
 
 
 @fp32
+def lidar_trust(student_depth: Tensor, teacher_depth: Tensor, sparse_depth: Tensor, mask: Tensor,
+                scale_align: bool = False) -> tuple[Tensor, Tensor]:
+    """How far S may trust U, measured where the truth is known: per image
+
+        t = min(1, median_{p in Ω} |log D_s − log D*| / median_{p in Ω} |log(D_u·k) − log D*|)
+
+    over the LiDAR pixels Ω of ``sparse_depth`` inside ``mask`` (k as in :func:`distill`). A teacher
+    as accurate as the student at the LiDAR points gets t = 1, one three times worse t = 1/3:
+    the two confidences are trained on different errors (LiDAR vs photometric), this ratio puts
+    them on S's scale. Inputs (B, 1, H, W), all detached; returns (t (B,), has_lidar (B,) bool),
+    t = 1 where an image has no LiDAR pixel (the caller decides what those get).
+    """
+    student_depth, teacher_depth = student_depth.detach(), teacher_depth.detach()
+    mask = mask & _valid_depth(student_depth) & _valid_depth(teacher_depth) & _valid_depth(sparse_depth)
+    if scale_align:
+        teacher_depth = teacher_depth * median_scale(student_depth, teacher_depth, mask)
+    target = torch.log(sanitize(sparse_depth, mask, 1.0))
+    student_error = (torch.log(sanitize(student_depth, mask, 1.0)) - target).abs()
+    teacher_error = (torch.log(sanitize(teacher_depth, mask, 1.0)) - target).abs()
+    trust, has_lidar = [], []
+    for e_s, e_t, m in zip(student_error, teacher_error, mask):
+        if m.any():
+            trust.append((e_s[m].median() / e_t[m].median().clamp(min=1e-6)).clamp(max=1.0))
+        else:
+            trust.append(torch.ones((), device=m.device))
+        has_lidar.append(m.any())
+    return torch.stack(trust), torch.stack(has_lidar)
+
+
+@fp32
 def distill(
     student_depth: Tensor,
     teacher_depth: Tensor,
@@ -54,6 +84,7 @@ def distill(
     mask: Tensor,
     scale_align: bool = False,
     student_confidence: Tensor | None = None,
+    image_weight: Tensor | None = None,
 ) -> Tensor:
     """Confidence-weighted log-depth L1 from a detached teacher, either direction:
 
@@ -62,7 +93,7 @@ def distill(
 
     With ``student_confidence`` (``loss.distill_gate: relative``) the weight is
     sg(C_teacher) · [C_teacher > sg(C_student)]: the student learns only where the teacher is
-    surer than itself.
+    surer than itself. ``image_weight`` (B,) multiplies every pixel of an image (``loss.partner_trust``).
     k = median(D_s) / median(D_u) per image (detached) over the compared pixels. p ranges over
     ``mask`` (B, 1, H, W) bool — both branches' canonical valid masks — and the pixels where both
     depths are finite and positive. All maps are full-resolution canonical-frame (B, 1, H, W).
@@ -79,4 +110,6 @@ def distill(
     if student_confidence is not None:
         student_confidence = sanitize(student_confidence.detach(), mask, 1.0)
         weight = torch.where(weight > student_confidence, weight, torch.zeros_like(weight))
+    if image_weight is not None:
+        weight = weight * image_weight.detach().view(-1, 1, 1, 1)
     return masked_mean(weight * (torch.log(student) - torch.log(teacher)).abs(), mask)

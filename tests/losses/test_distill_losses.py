@@ -143,3 +143,21 @@ def test_relative_gate_keeps_only_pixels_where_the_teacher_is_surer() -> None:
     value.backward()
     assert student_conf.grad is None
     assert (student.grad != 0).flatten().tolist() == [True, False, False, True]
+
+
+def test_lidar_trust_is_the_ratio_of_median_errors_at_the_lidar_points() -> None:
+    from distill_depth.losses import lidar_trust
+
+    truth = torch.full((3, 1, 4, 4), 10.0)
+    sparse = torch.zeros_like(truth)
+    sparse[:2, :, ::2, ::2] = 10.0  # image 2 has no LiDAR
+    student = truth * math.exp(0.1)
+    teacher = truth * math.exp(0.3)
+    teacher[1] = truth[1] * math.exp(0.05)  # a teacher better than the student: capped at 1
+    trust, has_lidar = lidar_trust(student, teacher, sparse, _all((3, 1, 4, 4)))
+    assert has_lidar.tolist() == [True, True, False]
+    assert trust.tolist() == pytest.approx([1 / 3, 1.0, 1.0], rel=1e-4)
+    # a teacher wrong only by a global scale is fully trusted once its scale is aligned
+    scaled = truth * 3.0
+    aligned, _ = lidar_trust(truth * math.exp(0.1), scaled, sparse, _all((3, 1, 4, 4)), scale_align=True)
+    assert aligned[:2].tolist() == pytest.approx([1.0, 1.0])
