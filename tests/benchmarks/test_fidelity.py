@@ -77,7 +77,7 @@ def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
     assert "one_way" in result.stdout and "S +0.0000 vs sup_only" in result.stdout
     # A second call reuses the data and the finished runs.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "'train_s'" not in again.stdout
+    assert again.returncode == 0 and "'train_s'" not in again.stdout and "'eval_auto_s'" not in again.stdout
 
 
 def test_region_means_over_seeds_and_their_table() -> None:
