@@ -1,9 +1,12 @@
 """Fidelity benchmark: does mutual distillation beat the single branches on our synthetic data?
 
-    python benchmarks/fidelity.py --quick          # ~3.5 min on an idle 2-core CPU: S-only, U-only, mutual
-    python benchmarks/fidelity.py                  # ~30 min: + the ablations
-    python benchmarks/fidelity.py --seeds 0,1,2 --jobs 2 --runs mutual,sup_only --steps 600 --work /tmp/fid
-    python benchmarks/fidelity.py --failures --set data.labelled_fraction=0.25   # failure modes, scarce labels
+    python benchmarks/fidelity.py --quick --jobs 2   # ~8 min, 2-core CPU: S-only, U-only, mutual; fractions 1, 0.25
+    python benchmarks/fidelity.py --jobs 2           # ~60 min: 3 seeds x fractions 1, 0.25, 0.05, 200 steps
+    python benchmarks/fidelity.py --runs sup_only,mutual,one_way --seeds 0 --steps 600 --work /tmp/fid
+    python benchmarks/fidelity.py --quick --data-seeds 1100,3000 --set loss.lambda_distill=0.2   # tune elsewhere
+
+Every plan uses drives with failure modes (moving cars, LiDAR dropout and noise, textureless
+patches; ``--no-failures`` for the static world) and reports AbsRel per region.
 
 Steps (all through the public commands, each in its own process):
   1. `distill-depth synth`: train drives (seed 1000) and held-out test drives (seed 2000, other
@@ -44,7 +47,8 @@ from fidelity_report import (  # noqa: E402
     paired_differences, summarize, write_plots,
 )
 RUNS = ("sup_only", "self_only", "mutual", "no_point_filtering", "same_augmentation", "one_way", "no_distillation")
-DEFAULT_RUNS = RUNS[:-1]
+ABLATIONS = RUNS[3:-1]
+"""``--runs`` adds them; the default plan (3 seeds × 3 label fractions) leaves them out to stay under an hour."""
 """``no_distillation`` is left out by default: with per-branch random streams its S equals
 ``sup_only``'s and its U equals ``self_only``'s exactly (it only re-checks that)."""
 QUICK_RUNS = ("sup_only", "self_only", "mutual")
@@ -64,7 +68,7 @@ class Plan:
     test_frames: int
     steps: int
     batch_size: int
-    failures: bool = False
+    failures: bool = True
     """Synthetic failure modes (moving cars, LiDAR dropout and noise, textureless patches) in train
     and test drives, and per-region evaluation (``evaluate --regions``)."""
     train_seed: int = 1000
@@ -77,11 +81,13 @@ class Plan:
 # 22 beams over the HDL-64E's field of view: at 64 rows, one beam every ~2.8 rows, the density
 # KITTI's 64 beams have at the standard 640x192 (64 beams at 64 rows would cover every row).
 FULL = Plan(height=64, width=192, beams=22, train_drives=8, train_frames=50, test_drives=2, test_frames=24,
-            steps=300, batch_size=4)
+            steps=200, batch_size=4)
+FULL_SEEDS, FULL_FRACTIONS = "0,1,2", "1,0.25,0.05"
 FAILURE_FLAGS = ("--moving-objects", "3", "--lidar-dropout", "--lidar-noise", "0.03", "--textureless")
 """What ``--failures`` passes to ``distill-depth synth``: the failures each branch has and the other may repair."""
 QUICK = Plan(height=64, width=192, beams=22, train_drives=3, train_frames=30, test_drives=1, test_frames=24,
              steps=80, batch_size=4)
+QUICK_SEEDS, QUICK_FRACTIONS = "0", "1,0.25"
 
 
 def _cli(*args: str, log: Path, threads: int = 2) -> None:
@@ -175,17 +181,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, few steps, the three core runs")
     parser.add_argument("--runs", default=None, help=f"comma-separated subset of {','.join(RUNS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
-    parser.add_argument("--fractions", default="1",
+    parser.add_argument("--seeds", default=None,
+                        help=f"comma-separated training seeds (default {FULL_SEEDS}; --quick {QUICK_SEEDS})")
+    parser.add_argument("--fractions", default=None,
                         help="comma-separated labelled fractions (data.labelled_fraction) of every run with "
-                             "branch S, e.g. 1,0.25,0.05: the semi-supervised curve (default 1)")
+                             f"branch S: the semi-supervised curve (default {FULL_FRACTIONS}; --quick {QUICK_FRACTIONS})")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the plan)")
     parser.add_argument("--data-seeds", default=None, metavar="TRAIN,TEST",
                         help="synth seeds of the train and test drives (default 1000,2000; tune settings on others)")
     parser.add_argument("--beams", type=int, default=None, help="LiDAR beams of the synthetic data (overrides the plan)")
-    parser.add_argument("--failures", action="store_true",
-                        help="synthetic failure modes in the drives (moving cars, LiDAR dropout/noise, textureless) "
-                             "and AbsRel per region; another work folder")
+    parser.add_argument("--no-failures", dest="failures", action="store_false",
+                        help="drives without the synthetic failure modes (moving cars, LiDAR dropout/noise, "
+                             "textureless patches) and no per-region AbsRel: the static, exact-LiDAR world")
+    parser.add_argument("--failures", action="store_true", help=argparse.SUPPRESS)  # the default since 0.3
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable), e.g. --set optim.lr=5e-4")
     parser.add_argument("--jobs", type=int, default=1,
@@ -195,7 +203,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="result file (default <work>/fidelity.json)")
     parser.add_argument("--fresh", action="store_true", help="delete finished runs and evaluations first")
     args = parser.parse_args(argv)
-    args.runs = tuple(args.runs.split(",")) if args.runs else (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+    args.runs = tuple(args.runs.split(",")) if args.runs else QUICK_RUNS
+    args.seeds = args.seeds or (QUICK_SEEDS if args.quick else FULL_SEEDS)
+    args.fractions = args.fractions or (QUICK_FRACTIONS if args.quick else FULL_FRACTIONS)
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_seeds:
         plan = replace(plan, train_seed=args.data_seeds[0], test_seed=args.data_seeds[1])
     default_work = Path(tempfile.gettempdir()) / ("distill_depth_fidelity" + ("_quick" if args.quick else "")
-                                                  + ("_failures" if args.failures else ""))
+                                                  + ("" if args.failures else "_clean_world"))
     work = args.work or default_work
     if args.fresh:
         import shutil

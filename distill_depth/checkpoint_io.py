@@ -68,6 +68,17 @@ def _weights_location(path: Path) -> tuple[Path, dict[str, Path]]:
     return _weights_location(best)
 
 
+def init_branch_weights(model: nn.Module, name: str, path: str | Path, device: torch.device) -> Path:
+    """Load branch ``name``'s trained weights from a run / checkpoint / export folder into
+    ``model`` (``train.init_s`` / ``train.init_u``); strict, so a branch built with other
+    settings is an error naming the file. Returns the file read."""
+    _, files = _weights_location(Path(path))
+    if not files[name].is_file():
+        raise CheckpointError(f"train.init_{name.lower()}: no weights for branch {name} at {files[name]}")
+    load_model(model, str(files[name]), strict=True, device=device_name(device))
+    return files[name]
+
+
 def load_branches(path: str | Path, names: tuple[str, ...] = ("S", "U"), device: str | torch.device = "cpu"
                   ) -> tuple[dict[str, nn.Module], Config]:
     """Branches with trained weights, in eval mode, and the run's config.

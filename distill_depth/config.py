@@ -242,6 +242,11 @@ class TrainConfig:
     timeout_s: float = 300.0
     """Collective timeout: a dead rank makes the others fail after at most this long; the
     watchdog ends a rank after 2× this without progress."""
+    init_s: str | None = None
+    """Branch S's initial weights from this run, checkpoint or export folder (a fresh run only:
+    a resume restores its own). The optimiser starts fresh: a second stage, not a resume."""
+    init_u: str | None = None
+    """The same for branch U (its depth and pose networks)."""
     overfit_batches: int = 0
     """Debug/overfit check: repeat the first N micro-batches of the stream forever (0: off)."""
 

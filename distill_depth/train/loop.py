@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from distill_depth.checkpoint_io import init_branch_weights
 from distill_depth.config import Config, save_config
 from distill_depth.topology import Topology, plan_layout
 from distill_depth.train.checkpoint import (
@@ -160,6 +161,8 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
         step, position = load_checkpoint(resume_from, list(branches.values()), rank, device, streams)
         if is_main:
             log.warning("resuming from checkpoint step %d (%s)", step, resume_from)
+    else:
+        _init_weights(branches, cfg, device, is_main)
     wrapped = {
         n: b.engine if b.engine is not None else wrap_ddp(b.model, topology.groups.get(n), topology.group_size(n), device)
         for n, b in branches.items()
@@ -292,6 +295,16 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
         source.close()
         watchdog.stop()
         tracker.finish()
+
+
+def _init_weights(branches: dict[str, BranchState], cfg: Config, device: torch.device, is_main: bool) -> None:
+    """``train.init_s`` / ``train.init_u``: a fresh run starts from another run's weights."""
+    for name, state in branches.items():
+        source = {"S": cfg.train.init_s, "U": cfg.train.init_u}[name]
+        if source:
+            path = init_branch_weights(state.model, name, source, device)
+            if is_main:
+                log.info("branch %s starts from %s", name, path)
 
 
 def _stop_before_first_step(step: int, is_main: bool) -> None:

@@ -63,7 +63,7 @@ def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
     and the paired difference is exactly 0; the JSON and the table hold every run."""
     work = tmp_path / "work"
     command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "sup_only,one_way",
-               "--steps", "3", "--work", str(work)]
+               "--steps", "3", "--fractions", "1,0.5", "--no-failures", "--work", str(work)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -74,7 +74,13 @@ def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
     assert one_way["auto"]["S"] == sup["auto"]["S"] and one_way["ms"]["S"] == sup["ms"]["S"]
     assert report["paired_differences"]["one_way"]["S"]["per_seed"] == [0.0]
     assert one_way["median_scaling"] == {"S": False, "U": False, "fused": False}  # U learned metres from S
-    assert "one_way" in result.stdout and "S +0.0000 vs sup_only" in result.stdout
+    assert "one_way" in result.stdout and "S +0.0000 (+0.0%) vs sup_only" in result.stdout
+    # the label-fraction sweep: each fraction its own S-only baseline, its own curve point and plot
+    assert report["paired_differences"]["one_way@0.5"]["S"]["vs"] == "sup_only@0.5"
+    assert report["paired_differences"]["one_way@0.5"]["S"]["per_seed"] == [0.0]
+    assert set(report["fraction_curve"]["sup_only S"]) == {"1", "0.5"}
+    assert (work / "fidelity_fractions.png").is_file() and "AbsRel by labelled fraction" in result.stdout
+    assert (work / "runs" / "sup_only_f0.5_seed0" / "export").is_dir()
     # A second call reuses the data and the finished runs.
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "'train_s'" not in again.stdout and "'eval_auto_s'" not in again.stdout
