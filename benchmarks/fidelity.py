@@ -52,6 +52,8 @@ ABLATIONS = RUNS[3:-1]
 """``no_distillation`` is left out by default: with per-branch random streams its S equals
 ``sup_only``'s and its U equals ``self_only``'s exactly (it only re-checks that)."""
 QUICK_RUNS = ("sup_only", "self_only", "mutual")
+BRANCHES = {"sup_only": "S", "self_only": "U", **{run: "SU" for run in RUNS if run not in ("sup_only", "self_only")}}
+"""The branches each run trains."""
 LABEL_FREE_RUNS = ("self_only",)
 """Runs without branch S: the labelled fraction changes nothing in them, so a sweep runs them once."""
 
@@ -68,6 +70,10 @@ class Plan:
     test_frames: int
     steps: int
     batch_size: int
+    first_stage_steps: int = 0
+    """``--two-stage N``: S-only and U-only train N steps first; every run then continues ``steps``
+    more from those weights (alone, or mutually), so "distillation from a noisy partner early on"
+    is separated from "distillation itself"."""
     failures: bool = True
     """Synthetic failure modes (moving cars, LiDAR dropout and noise, textureless patches) in train
     and test drives, and per-region evaluation (``evaluate --regions``)."""
@@ -125,33 +131,50 @@ def make_data(work: Path, plan: Plan) -> tuple[Path, Path]:
     return shards["train"], shards["test"]
 
 
-def train_and_evaluate(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path],
-                       overrides: tuple[str, ...], threads: int, fraction: float = 1.0) -> dict:
-    """One (run, seed, labelled fraction): train (unless its export exists), evaluate with median
-    scaling auto and on. A fraction below 1 keeps the LiDAR of that share of the training samples
-    (``data.labelled_fraction``); evaluation is always on the whole test set."""
+def run_dir(work: Path, run: str, fraction: float, seed: int, stage: int = 2) -> Path:
+    """A run's folder: ``runs/mutual_f0.25_seed1``; stage-1 runs of ``--two-stage`` get ``stage1_``."""
+    return work / "runs" / (("stage1_" if stage == 1 else "") + label(run, fraction).replace("@", "_f") + f"_seed{seed}")
+
+
+def train(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path], overrides: tuple[str, ...],
+          threads: int, fraction: float = 1.0, stage: int = 2) -> dict:
+    """Train one (run, seed, labelled fraction) unless its export exists; returns its timings. A
+    fraction below 1 keeps the LiDAR of that share of the training samples (``data.labelled_fraction``).
+    Under ``--two-stage`` a stage-2 run starts each branch from the stage-1 single-branch run."""
     config = REPO / "configs" / f"bench_{run}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config for run {run!r}: {config}")
-    name = label(run, fraction).replace("@", "_f") + f"_seed{seed}"
+    folder = run_dir(work, run, fraction, seed, stage)
     if fraction < 1.0:
         overrides = (*overrides, f"data.labelled_fraction={fraction:g}")
-    run_dir = work / "runs" / name
-    timings = {}
-    if not (run_dir / "export" / "config.yaml").is_file():
-        start = time.perf_counter()
-        _cli("train", "--config", str(config), f"data.train_shards={shards[0]}", f"train.output_dir={run_dir}",
-             f"train.max_steps={plan.steps}", f"data.batch_size={plan.batch_size}", f"train.seed={seed}", *overrides,
-             log=work / "logs" / f"train_{name}.log", threads=threads)
-        timings["train_s"] = round(time.perf_counter() - start, 1)
+    steps = plan.first_stage_steps if stage == 1 else plan.steps
+    if stage == 2 and plan.first_stage_steps:
+        overrides = (*overrides, *(f"train.init_{branch.lower()}={run_dir(work, BASELINES[branch], f, seed, stage=1)}"
+                                   for branch, f in (("S", fraction), ("U", 1.0)) if branch in BRANCHES[run]))
+    if (folder / "export" / "config.yaml").is_file():
+        return {}
+    start = time.perf_counter()
+    _cli("train", "--config", str(config), f"data.train_shards={shards[0]}", f"train.output_dir={folder}",
+         f"train.max_steps={steps}", f"data.batch_size={plan.batch_size}", f"train.seed={seed}", *overrides,
+         log=work / "logs" / f"train_{folder.name}.log", threads=threads)
+    return {"train_s": round(time.perf_counter() - start, 1)}
+
+
+def train_and_evaluate(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path],
+                       overrides: tuple[str, ...], threads: int, fraction: float = 1.0) -> dict:
+    """One (run, seed, labelled fraction): train (unless its export exists), evaluate with median
+    scaling auto and on; evaluation is always on the whole test set."""
+    timings = train(run, seed, work, plan, shards, overrides, threads, fraction)
+    folder = run_dir(work, run, fraction, seed)
+    name = folder.name
     result: dict = {"timings": timings}
     for scaling, key in (("auto", "auto"), ("on", "ms")):
         result_file = work / "eval" / f"{name}_{key}.json"
         start = time.perf_counter()
-        export = run_dir / "export" / "config.yaml"
+        export = folder / "export" / "config.yaml"
         fresh = result_file.is_file() and result_file.stat().st_mtime >= export.stat().st_mtime
         if not fresh:  # an evaluation newer than the run's export is reused, like the run itself
-            _cli("evaluate", "--checkpoint", str(run_dir), "--shards", str(shards[1]), "--protocol", "dense",
+            _cli("evaluate", "--checkpoint", str(folder), "--shards", str(shards[1]), "--protocol", "dense",
                  "--branch", "auto", "--median-scaling", scaling, "--json", str(result_file), "--batch-size", "8",
                  *(("--regions",) if plan.failures else ()), log=work / "logs" / f"eval_{name}_{key}.log",
                  threads=threads)
@@ -186,6 +209,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fractions", default=None,
                         help="comma-separated labelled fractions (data.labelled_fraction) of every run with "
                              f"branch S: the semi-supervised curve (default {FULL_FRACTIONS}; --quick {QUICK_FRACTIONS})")
+    parser.add_argument("--two-stage", type=int, default=0, metavar="N",
+                        help="S-only and U-only train N steps first; every run then continues --steps more from "
+                             "those weights (alone or mutually), paired by seed")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the plan)")
     parser.add_argument("--data-seeds", default=None, metavar="TRAIN,TEST",
                         help="synth seeds of the train and test drives (default 1000,2000; tune settings on others)")
@@ -228,6 +254,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--data-seeds takes TRAIN,TEST (two integers), e.g. 1100,3000")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.two_stage < 0:
+        parser.error(f"--two-stage must be >= 0 steps, got {args.two_stage}")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"--set takes KEY=VALUE, got {bad}")
@@ -242,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                    failures=args.failures)
     if args.data_seeds:
         plan = replace(plan, train_seed=args.data_seeds[0], test_seed=args.data_seeds[1])
+    if args.two_stage:
+        plan = replace(plan, first_stage_steps=args.two_stage)
     default_work = Path(tempfile.gettempdir()) / ("distill_depth_fidelity" + ("_quick" if args.quick else "")
                                                   + ("" if args.failures else "_clean_world"))
     work = args.work or default_work
@@ -268,6 +298,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(run in LABEL_FREE_RUNS for run in args.runs):
         labels.update({run: (run, 1.0) for run in args.runs if run in LABEL_FREE_RUNS})
     jobs = [(name, seed) for name in labels for seed in args.seeds]
+    if plan.first_stage_steps:
+        first = sorted({(BASELINES[b], f if b == "S" else 1.0, seed) for name in labels for seed in args.seeds
+                        for b, f in (("S", labels[name][1]), ("U", 1.0)) if b in BRANCHES[labels[name][0]]})
+
+        def stage_one(job: tuple[str, float, int]) -> None:
+            run, fraction, seed = job
+            timings = train(run, seed, work, plan, shards, tuple(args.overrides), threads, fraction, stage=1)
+            print(f"stage 1 {label(run, fraction)} seed {seed}: done {timings}", flush=True)
+
+        try:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                list(pool.map(stage_one, first))
+        except (RuntimeError, FileNotFoundError) as exc:
+            print(f"stage 1 FAILED: {exc}", file=sys.stderr)
+            return 1
 
     def one(job: tuple[str, int]) -> tuple[tuple[str, int], dict]:
         name, seed = job
