@@ -22,12 +22,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from distill_depth.config import Config, save_config
+from distill_depth.config import Config, ConfigError, save_config
 from distill_depth.topology import Topology, plan_layout
 from distill_depth.train.checkpoint import (
-    BranchState, DataPosition, export_branches, load_checkpoint, resolve_resume, save_checkpoint, write_export_meta,
+    BranchState, DataPosition, export_branches, load_checkpoint, save_checkpoint, write_export_meta,
 )
-from distill_depth.train.distributed import agree_to_stop, barrier, gather_objects, make_accelerator, wrap_ddp
+from distill_depth.train.distributed import (
+    agree_to_stop, barrier, broadcast_object, gather_objects, make_accelerator, wrap_ddp,
+)
+from distill_depth.train.door import RunStopped, check_run
 from distill_depth.train.optim import build_optimizer, build_scheduler
 from distill_depth.train.rng import BranchStreams, isolated_rng, seed_everything
 from distill_depth.train.signals import StopRequest, Watchdog, requeue_if_slurm, shield_data_workers
@@ -127,6 +130,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     topology = Topology(layout, rank, device)
     out = Path(cfg.train.output_dir)
     is_main = rank == 0
+    resume_from = _checked_at_the_door(cfg, is_main)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -155,7 +159,6 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     if cfg.train.deepspeed != "none":
         _attach_deepspeed(branches, topology, cfg, micro_batch=hi - lo)
     step, position = 0, DataPosition()
-    resume_from = resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         step, position = load_checkpoint(resume_from, list(branches.values()), rank, device, streams)
         if is_main:
@@ -292,6 +295,23 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
         source.close()
         watchdog.stop()
         tracker.finish()
+
+
+def _checked_at_the_door(cfg: Config, is_main: bool) -> Path | None:
+    """Rank 0 checks what the run needs (``door.check_run``) before any model is built; every
+    rank gets the verdict, so all stop together (:class:`RunStopped`, exit 2) with one message.
+    Returns the verified checkpoint to resume from."""
+    verdict: tuple[str | None, str | None] = (None, None)
+    if is_main:
+        try:
+            found = check_run(cfg)
+            verdict = (None, None if found is None else str(found))
+        except ConfigError as exc:
+            verdict = (str(exc), None)
+    error, resume = broadcast_object(verdict)
+    if error is not None:
+        raise RunStopped(error, 2, report=is_main)
+    return None if resume is None else Path(resume)
 
 
 def _stop_before_first_step(step: int, is_main: bool) -> None:
