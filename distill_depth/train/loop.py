@@ -28,9 +28,12 @@ from distill_depth.train.checkpoint import (
     BranchState, DataPosition, export_branches, load_checkpoint, save_checkpoint, write_export_meta,
 )
 from distill_depth.train.distributed import (
-    agree_to_stop, barrier, broadcast_object, gather_objects, make_accelerator, wrap_ddp,
+    agree_to_stop, any_rank, barrier, broadcast_object, gather_objects, make_accelerator, wrap_ddp,
 )
 from distill_depth.train.door import RunStopped, check_run
+from distill_depth.train.nonfinite import (
+    BadSteps, InjectedFault, failure_message, restore_buffers, snapshot_buffers, term_label,
+)
 from distill_depth.train.optim import build_optimizer, build_scheduler
 from distill_depth.train.rng import BranchStreams, isolated_rng, seed_everything
 from distill_depth.train.signals import StopRequest, Watchdog, requeue_if_slurm, shield_data_workers
@@ -184,6 +187,9 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     samples_per_step = layout.n_cells * layout.cell_batch_size(cfg.data.batch_size) * cfg.train.grad_accum
     progress = _progress_bar(is_main, step, cfg.train.max_steps)
     totals: dict[str, list[float]] = defaultdict(list)
+    step_values: dict[str, list[float]] = defaultdict(list)  # loss terms of the step under way
+    bad_steps = BadSteps([n for n, b in branches.items() if b.engine is None], cfg.train.max_bad_steps)
+    fault = InjectedFault.from_env()
     last_pred: dict[str, Any] = {}
     log_start = time.perf_counter()
     exit_code = 0
@@ -193,6 +199,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
             return exit_code
         while step < cfg.train.max_steps:
             step_start = time.perf_counter()
+            buffers = {n: snapshot_buffers(b.model) for n, b in branches.items() if b.engine is None}
             for micro in range(cfg.train.grad_accum):
                 t0 = time.perf_counter()
                 batch = source.next().slice(lo, hi).to(device)
@@ -218,6 +225,8 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                         t0 = time.perf_counter()
                         with streams.use(name):
                             loss, terms = state.model.loss(batch, predictions[name], partners[name], step)
+                        if fault is not None:
+                            loss, terms = fault.apply(name, step + 1, rank, loss, terms)
                         if state.engine is not None:  # DeepSpeed divides by grad_accum and steps at the boundary
                             state.engine.backward(loss.float())
                             state.engine.step()
@@ -225,25 +234,35 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                             scaled = loss.float() / cfg.train.grad_accum
                             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
                         totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
-                        totals[f"{name}/loss"].append(float(loss.detach()))
-                        for term, value in terms.items():
-                            totals[f"{name}/{term}"].append(float(value))
+                        values = {"loss": float(loss.detach()), **{t: float(v) for t, v in terms.items()}}
+                        bad_steps.see(name, values)
+                        for term, value in values.items():
+                            step_values[f"{name}/{term}"].append(value)
                 last_pred = predictions
             for name, state in branches.items():
                 t0 = time.perf_counter()
                 totals[f"{name}/lr"].append(state.scheduler.get_last_lr()[0])
-                _optimizer_step(state, cfg.optim.grad_clip)
+                if not _optimizer_step(state, cfg.optim.grad_clip, bad_steps, topology.groups.get(name), device, step + 1,
+                                       buffers.get(name)):
+                    for key in [k for k in step_values if k.startswith(f"{name}/")]:
+                        totals[key].extend(step_values.pop(key))
                 totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
+            step_values.clear()  # a skipped step's (non-finite) values stay out of the means
             step += 1
             watchdog.beat()
             t0 = time.perf_counter()
-            stop = agree_to_stop(stop_request.requested, device)
+            stop = agree_to_stop(stop_request.requested or bad_steps.exhausted(), device)
+            # every rank agreed to stop, so every rank gathers: did a branch run out of good steps?
+            failures = [f for part in gather_objects(bad_steps.failures(rank)) for f in part] if stop else []
             # Idle time of the faster group: it waits here for the slower one to finish its step.
             totals["time/sync_s"].append(time.perf_counter() - t0)
             totals["time/step_s"].append(time.perf_counter() - step_start)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or stop:
                 elapsed = time.perf_counter() - log_start
                 n_steps = len(totals["time/step_s"])
+                for name in branches:
+                    totals[f"{name}/skipped_steps"] = [float(bad_steps.window[name])]
+                    bad_steps.window[name] = 0
                 scalars = _reduce_scalars(totals, is_main)
                 if is_main:
                     scalars["samples_per_s"] = samples_per_step * n_steps / max(elapsed, 1e-9)
@@ -274,6 +293,8 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                 watchdog.beat()
                 if is_main:
                     log.info("checkpoint step %d written to %s", step, path)
+            if failures:
+                raise RunStopped(failure_message(failures, cfg.train.max_bad_steps, path), 1, report=is_main)
             if stop and not final:
                 if is_main:
                     log.warning("stopped by signal at step %d; checkpoint complete", step)
@@ -341,20 +362,36 @@ def _attach_deepspeed(branches: dict[str, BranchState], topology: Topology, cfg:
         state.scaler = None  # the engine scales fp16 losses itself
 
 
-def _optimizer_step(state: BranchState, grad_clip: float | None) -> None:
+def _optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadSteps, group: Any,
+                    device: torch.device, step: int, buffers: list[torch.Tensor] | None) -> bool:
+    """The branch's update at the step boundary; True when the step was bad (non-finite on some
+    rank of the branch's ``group``, agreed by all of them): update skipped, ``buffers`` (taken
+    before the step's forward passes) put back."""
     if state.engine is not None:
-        return  # stepped by the engine inside the micro-step loop
+        return False  # stepped by the engine inside the micro-step loop
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
-    if state.scaler is not None:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+    bad = any_rank(bad_steps.local_verdict(state.name, state.model), device, group)
+    bad_steps.settle(state.name, bad, step)
+    if bad:
+        restore_buffers(state.model, buffers or [])
+        if state.scaler is not None:  # the same back-off on every rank, whatever each one's own overflow check said
+            state.scaler.update(state.scaler.get_scale() * state.scaler.get_backoff_factor())
+        if bad_steps.streak[state.name][1] is not None:
+            log.warning("step %d: %s is not finite; branch %s's optimiser step skipped (%d in a row)", step,
+                        term_label(state.name, bad_steps.streak[state.name][1]), state.name,
+                        bad_steps.in_a_row[state.name])
     else:
-        state.optimizer.step()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    return bad
 
 
 def _reduce_scalars(totals: dict[str, list[float]], is_main: bool) -> dict[str, float]:
