@@ -250,7 +250,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     else:
         found = complete_checkpoints(path)
         if not found:
-            what = "does not exist" if not path.exists() else f"is no checkpoint (no {MARKER} marker, no complete checkpoint under it)"
+            what = ("does not exist" if not path.exists()
+                    else f"is no checkpoint (no {MARKER} marker, no complete checkpoint under it)")
             raise CheckpointError(f"train.resume={resume}: {what}")
         target = found[-1]
     try:

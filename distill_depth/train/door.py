@@ -39,7 +39,9 @@ def check_run(cfg: Config) -> Path | None:
         return resolve_resume(cfg.train.resume, cfg.train.output_dir)
     except CheckpointError as exc:
         message = str(exc)
-        raise ConfigError(message if message.startswith("train.resume") else f"train.resume={cfg.train.resume}: {message}") from None
+        if not message.startswith("train.resume"):
+            message = f"train.resume={cfg.train.resume}: {message}"
+        raise ConfigError(message) from None
 
 
 def _check_shards(key: str, spec: str) -> None:

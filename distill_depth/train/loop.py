@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -389,7 +390,9 @@ def _optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadS
             state.scaler.update()
         else:
             state.optimizer.step()
-    state.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step: the schedule follows the step count on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+        state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     return bad
 

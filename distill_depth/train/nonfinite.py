@@ -4,19 +4,23 @@ At each step boundary every rank of a branch says whether its loss (or one of it
 gradient was non-finite in any micro-step; one all-reduce inside the branch's group makes the
 verdict common, so the branch's replicas stay identical. A bad step skips the branch's optimiser
 update (the fp16 grad scaler backs off its scale instead) and puts back the buffers (BatchNorm
-statistics) its forward passes moved; the step counter and the learning-rate schedule go on. ``{branch}/skipped_steps`` in the scalar log counts the skipped steps since the
-previous log row. After ``train.max_bad_steps`` bad steps in a row the run writes a checkpoint —
-its weights and optimiser state are the last good ones, since bad steps changed neither; its data
-position is past the bad batches — and stops with an error naming the branch and the loss term
-that went non-finite first (``gradient`` when the loss was finite but a gradient was not).
+statistics) its forward passes moved; the step counter and the learning-rate schedule go on.
+``{branch}/skipped_steps`` in the scalar log counts the skipped steps since the previous log row.
+
+After ``train.max_bad_steps`` bad steps in a row the run writes a checkpoint — its weights,
+buffers and optimiser state are the last good ones, since bad steps changed none of them; its data
+position is past the bad batches — and stops (exit 1) with one line naming the branch and the
+loss term that went non-finite first (``gradient`` when every term was finite but a gradient was
+not).
 
 Branches under a DeepSpeed engine (``train.deepspeed``) are not guarded here: the engine steps
 inside the micro-step loop and handles fp16 overflow itself.
 
-Fault injection, for tests and drills only: ``DISTILL_DEPTH_FAULT_NONFINITE=BRANCH/TERM@FIRST[-[LAST]][:rRANK]``
-makes loss term TERM of branch BRANCH NaN (and with it the branch's loss and gradients) at steps
-FIRST..LAST (1-based, as logged; ``FIRST`` alone: that step only; ``FIRST-``: every step from
-FIRST on), on global rank RANK only when given. TERM ``loss`` poisons the total loss alone.
+Fault injection, for tests and drills only (never set it in a real run):
+``DISTILL_DEPTH_FAULT_NONFINITE=BRANCH/TERM@FIRST[-[LAST]][:rRANK]`` makes loss term TERM of branch
+BRANCH NaN, and with it the branch's loss and gradients, at steps FIRST..LAST (1-based, as logged;
+``FIRST`` alone: that step only; ``FIRST-``: every step from FIRST on), on global rank RANK only
+when given. TERM ``loss``: the total loss (and gradients) only, every term's value left as is.
 """
 
 from __future__ import annotations

@@ -159,3 +159,23 @@ def test_a_bad_step_on_one_rank_is_skipped_by_its_whole_branch(tmp_path: Path) -
         p.join(timeout=30)
         assert p.exitcode == 0
     assert results == {0: (True, True), 2: (True, True), 1: (False, False), 3: (False, False)}
+
+
+def test_fp16_scaler_backs_off_on_a_skipped_step() -> None:
+    """With a grad scaler (train.mixed_precision=fp16): a step whose gradient overflowed is skipped
+    and the scale halves; the next finite step updates the weights."""
+    from distill_depth.train.checkpoint import BranchState
+    from distill_depth.train.loop import _optimizer_step
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = BranchState("S", model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), scaler)
+    before = model.weight.detach().clone()
+    bad = BadSteps(["S"], limit=3)
+    scaler.scale(model(torch.full((1, 3), math.inf)).sum()).backward()
+    assert _optimizer_step(state, 1.0, bad, None, torch.device("cpu"), 1, []) is True
+    assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0 and bad.streak["S"] == (1, "gradient")
+    scaler.scale(model(torch.ones(1, 3)).sum()).backward()
+    assert _optimizer_step(state, 1.0, bad, None, torch.device("cpu"), 2, []) is False
+    assert not torch.equal(model.weight, before) and bad.in_a_row["S"] == 0
