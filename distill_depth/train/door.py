@@ -2,7 +2,8 @@
 
 Rank 0 checks, every rank hears the verdict (one broadcast), so all ranks stop together and only
 rank 0 prints the one line (see :class:`RunStopped`). Checked: the train (and, when validation
-runs, val) shards resolve and their manifests verify, ``model.weights`` exists under
+runs, val) shards resolve, their manifests read and list shards of the recorded sizes (the sha256
+of each shard is checked by every rank's stream), ``model.weights`` exists under
 ``model.pretrained: file``, ``train.output_dir`` is writable, and ``train.resume`` resolves to a
 checkpoint that passes its manifest check (``auto`` falls back past a failing one).
 """
@@ -45,10 +46,19 @@ def check_run(cfg: Config) -> Path | None:
 
 
 def _check_shards(key: str, spec: str) -> None:
+    """The shards resolve, their manifest reads, every shard it lists is there with its recorded
+    size. (Each rank's stream checks the sha256 of the shards when it opens them, all ranks at
+    once: hashing every shard here would keep the other ranks waiting on rank 0.)"""
     if "{" not in spec and not os.path.exists(spec):
         raise ConfigError(f"{key}={spec}: no such file or folder")
     try:
-        resolve_shards(spec)
+        shards = resolve_shards(spec, verify=False)
+        records = {r.get("name"): r for r in (shards.manifest or {}).get("shards", [])}
+        for url in shards.urls:
+            recorded = records.get(Path(url).name, {}).get("bytes")
+            if recorded is not None and os.path.getsize(url) != recorded:
+                raise ShardError(f"{url}: {os.path.getsize(url)} bytes, its manifest says {recorded} "
+                                 "(truncated or replaced shard)")
     except (ShardError, OSError) as exc:
         raise ConfigError(f"{key}={spec}: {exc}") from None
 

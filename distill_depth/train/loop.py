@@ -261,7 +261,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or stop:
                 elapsed = time.perf_counter() - log_start
                 n_steps = len(totals["time/step_s"])
-                for name in branches:
+                for name in bad_steps.window:
                     totals[f"{name}/skipped_steps"] = [float(bad_steps.window[name])]
                     bad_steps.window[name] = 0
                 scalars = _reduce_scalars(totals, is_main)

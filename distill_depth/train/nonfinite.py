@@ -119,8 +119,9 @@ class BadSteps:
         """Branch → (first step, first non-finite term seen here) of its current run of bad steps."""
 
     def see(self, branch: str, values: dict[str, float]) -> None:
-        """A micro-step's loss and loss terms: remember the first non-finite one."""
-        if self.pending[branch] is None:
+        """A micro-step's loss and loss terms: remember the first non-finite one (branches not
+        guarded here, e.g. under a DeepSpeed engine, are ignored)."""
+        if branch in self.pending and self.pending[branch] is None:
             self.pending[branch] = first_nonfinite(values)
 
     def local_verdict(self, branch: str, model: nn.Module) -> bool:

@@ -46,3 +46,15 @@ def test_train_refuses_at_the_door(case: str, tiny_shards: Path, tmp_path: Path)
         _refused(result, f"train.resume={not_a_checkpoint}", "is no checkpoint")
     assert not (out / "config.yaml").exists()  # refused before the run folder was set up
     assert "placement:" not in result.stderr  # before the models (logged right after the door)
+
+
+def test_truncated_shard_is_refused_at_the_door(tiny_shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    victim = sorted(shards.glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:2048])
+    out = tmp_path / "run"
+    result = _train(*tiny_overrides(shards, out, 2, "train.report_to=none"))
+    _refused(result, f"data.train_shards={shards}", str(victim), "truncated")
+    assert "placement:" not in result.stderr

@@ -147,17 +147,9 @@ def test_a_bad_step_on_one_rank_is_skipped_by_its_whole_branch(tmp_path: Path) -
     """4 gloo processes, split (S: ranks 0, 2; U: 1, 3): only rank 2 sees a non-finite term and every
     gradient is finite. Both S ranks skip (weights and BatchNorm statistics as before the step),
     both U ranks step: the verdict is agreed inside the branch's group, not the world."""
-    import torch.multiprocessing as mp
+    from tests.gloo_procs import run_gloo
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_agree_worker, args=(r, 4, str(tmp_path / "store"), queue)) for r in range(4)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = run_gloo(_agree_worker, 4, tmp_path / "store")
     assert results == {0: (True, True), 2: (True, True), 1: (False, False), 3: (False, False)}
 
 
