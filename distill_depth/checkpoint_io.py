@@ -9,24 +9,38 @@ constants from here, so writer and reader cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
 
 from distill_depth.config import Config, config_from_dict
+from distill_depth.data.shard_reader import sha256_file
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 """Written last into a checkpoint folder: a ``step_*`` folder without it is never read."""
+MANIFEST = "manifest.json"
+"""Size and sha256 of every file of a checkpoint or export folder, written before ``COMPLETE``."""
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint/export path that does not hold what was asked for."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint file that fails its manifest check, cannot be read, or holds pickled code;
+    the message names the file."""
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -41,6 +55,58 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def device_name(device: torch.device) -> str:
     """safetensors wants ``cpu`` (not ``cpu:0``, which accelerate's CPU ranks report) or ``cuda:N``."""
     return "cpu" if device.type == "cpu" else str(device)
+
+
+def verify_checkpoint(path: Path, only: list[str] | None = None) -> bool:
+    """Check the files of checkpoint/export folder ``path`` (or just ``only``, relative names)
+    against its manifest. True when checked; False for a folder without a manifest (written before
+    manifests existed: loads unchecked). Raises :class:`CheckpointCorrupt` naming the first file
+    that is missing, has another size or sha256, or cannot be read."""
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        log.info("checkpoint %s has no %s (written by an older version): its files are not checked", path, MANIFEST)
+        return False
+    try:
+        text = manifest_file.read_text()
+        files = json.loads(text)["files"]
+        marker = (path / MARKER).read_text() if (path / MARKER).is_file() else ""
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointCorrupt(f"checkpoint file {manifest_file}: unreadable ({exc})") from None
+    recorded = re.search(r"manifest sha256 ([0-9a-f]{64})", marker)
+    if recorded and hashlib.sha256(text.encode()).hexdigest() != recorded.group(1):
+        raise CheckpointCorrupt(f"checkpoint file {manifest_file}: sha256 differs from the one {MARKER} records "
+                                "(corrupt or replaced)")
+    for name in files if only is None else [n for n in only if n in files]:
+        _check_file(path / name, files[name])
+    return True
+
+
+def _check_file(file: Path, record: dict[str, Any]) -> None:
+    try:
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise CheckpointCorrupt(f"checkpoint file {file}: {size} bytes, {MANIFEST} says {record['bytes']} "
+                                    "(truncated or replaced)")
+        if sha256_file(file) != record["sha256"]:
+            raise CheckpointCorrupt(f"checkpoint file {file}: sha256 does not match {MANIFEST} (corrupt or replaced)")
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"checkpoint file {file}: missing (listed in {MANIFEST})") from None
+    except OSError as exc:
+        raise CheckpointCorrupt(f"checkpoint file {file}: unreadable ({exc.strerror or exc})") from None
+
+
+def load_weights(model: nn.Module, file: Path, device: torch.device) -> None:
+    """safetensors weights into ``model`` (strict); an unreadable file is :class:`CheckpointCorrupt`."""
+    try:
+        load_model(model, str(file), strict=True, device=device_name(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointCorrupt(f"checkpoint file {file}: unreadable ({first_line(exc)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 def _weights_location(path: Path) -> tuple[Path, dict[str, Path]]:
@@ -72,10 +138,12 @@ def init_branch_weights(model: nn.Module, name: str, path: str | Path, device: t
     """Load branch ``name``'s trained weights from a run / checkpoint / export folder into
     ``model`` (``train.init_s`` / ``train.init_u``); strict, so a branch built with other
     settings is an error naming the file. Returns the file read."""
-    _, files = _weights_location(Path(path))
+    config_file, files = _weights_location(Path(path))
     if not files[name].is_file():
         raise CheckpointError(f"train.init_{name.lower()}: no weights for branch {name} at {files[name]}")
-    load_model(model, str(files[name]), strict=True, device=device_name(device))
+    folder = config_file.parent
+    verify_checkpoint(folder, only=[files[name].relative_to(folder).as_posix()])
+    load_weights(model, files[name], device)
     return files[name]
 
 
@@ -89,6 +157,8 @@ def load_branches(path: str | Path, names: tuple[str, ...] = ("S", "U"), device:
     from distill_depth.branches import build_branch  # the networks (timm) only when weights are read
 
     config_file, files = _weights_location(Path(path))
+    folder = config_file.parent
+    verify_checkpoint(folder, only=[config_file.name] + [files[n].relative_to(folder).as_posix() for n in names])
     cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
     models: dict[str, nn.Module] = {}
     for name in names:
@@ -97,6 +167,6 @@ def load_branches(path: str | Path, names: tuple[str, ...] = ("S", "U"), device:
         # The trained weights replace any initialisation: never read ImageNet files here.
         build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none"))
         model = build_branch(name, build_cfg)
-        load_model(model, str(files[name]), strict=True, device=device_name(torch.device(device)))
+        load_weights(model, files[name], torch.device(device))
         models[name] = model.to(device).eval()
     return models, cfg

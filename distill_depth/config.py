@@ -249,6 +249,10 @@ class TrainConfig:
     """The same for branch U (its depth and pose networks)."""
     overfit_batches: int = 0
     """Debug/overfit check: repeat the first N micro-batches of the stream forever (0: off)."""
+    max_bad_steps: int = 20
+    """Non-finite steps in a row (loss, a loss term or a gradient not finite on some rank of a
+    branch; each one skips that branch's optimiser update) after which the run checkpoints the last
+    good state and stops with an error naming the branch and the term that went non-finite first."""
 
 
 @dataclass
@@ -467,6 +471,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.labelled_fraction must be in [0, 1], got {cfg.data.labelled_fraction}")
     if cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
+    if cfg.train.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
     if cfg.train.grad_accum < 1:
         raise ConfigError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}")
     if not 0.0 <= cfg.loss.pf_fraction < 1.0:

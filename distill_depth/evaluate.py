@@ -78,12 +78,14 @@ def _load(checkpoint: str, choice: str, device: Any) -> tuple[dict, Any]:
 
 
 def _load_branches(checkpoint: str, choice: str, device: Any) -> tuple[dict, Any]:
-    from distill_depth.checkpoint_io import load_branches
+    from distill_depth.checkpoint_io import CheckpointCorrupt, load_branches
 
     if choice in ("S", "U"):
         return load_branches(checkpoint, names=(choice,), device=device)
     try:
         return load_branches(checkpoint, names=("S", "U"), device=device)
+    except CheckpointCorrupt:  # a file that fails its check: say so, whatever the other branch holds
+        raise
     except ValueError:  # CheckpointError: a branch's weights are missing
         if choice != "auto":
             raise

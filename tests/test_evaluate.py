@@ -227,6 +227,33 @@ def test_missing_checkpoint_is_a_clear_error_and_protocol_is_reported(run_dir, b
                                   "min_depth": 1e-3, "max_depth": 80.0}
 
 
+def test_corrupt_checkpoint_is_a_one_line_error_for_evaluate_and_predict(run_dir, bundled_shards, tmp_path, capsys):
+    """A checkpoint whose S weights were cut short after COMPLETE, an export with a flipped byte:
+    evaluate and predict stop with one line naming the file (exit 2), no traceback."""
+    import shutil
+
+    from PIL import Image
+
+    from distill_depth.cli import main
+    from distill_depth.train.checkpoint import complete_checkpoints
+
+    checkpoint = shutil.copytree(complete_checkpoints(run_dir)[-1], tmp_path / "step")
+    weights = checkpoint / "S" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--shards", _val_subset(bundled_shards)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(weights) in err and "truncated" in err, err
+    export = shutil.copytree(run_dir / "export", tmp_path / "export")
+    data = bytearray((export / "U.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (export / "U.safetensors").write_bytes(bytes(data))
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(export), "--branch", "U", "--out", str(tmp_path / "pred"), str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(export / "U.safetensors") in err and "sha256" in err, err
+
+
 def test_regions_report_every_metric_per_region_and_absent_regions(tmp_path):
     from distill_depth.data.regions import REGION_BITS
     from distill_depth.evaluation.report import summarize_regions

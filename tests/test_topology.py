@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distill_depth.topology import ExchangeError, Topology, TopologyError, plan_layout
 from distill_depth.types import PartnerPrediction
+from tests.gloo_procs import run_gloo
 
 
 def test_single_process_is_colocated() -> None:
@@ -98,15 +98,7 @@ def _worker(rank: int, world: int, store: str, queue) -> None:  # pragma: no cov
 def test_exchange_ratio_two_over_gloo(tmp_path) -> None:
     """3 real gloo processes, 1 S + 2 U: S gets the U ranks' tensors in slice order, each U rank its
     slice of S's; a key mismatch raises on both ends of the pair and nowhere else."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 3, str(tmp_path / "store"), queue)) for r in range(3)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = run_gloo(_worker, 3, tmp_path / "store", timeout=120)
     s, u1, u2 = results[0], results[1], results[2]
     assert s["keys"] == ["cell0_0", "cell0_1", "cell0_2", "cell0_3"]
     from_u = [_prediction(["a", "b"], 10.0), _prediction(["c", "d"], 20.0)]

@@ -1,6 +1,4 @@
-"""Step-numbered, atomic checkpoints of both branches; resume; final export.
-
-``load_branches`` (reading a run back) lives in ``distill_depth.checkpoint_io`` and is re-exported.
+"""Step-numbered, atomic checkpoints of both branches; resume; final export; ``load_branches``.
 
 Layout of ``{output_dir}/checkpoints/step_{N:08d}/``::
 
@@ -9,48 +7,63 @@ Layout of ``{output_dir}/checkpoints/step_{N:08d}/``::
     rng/rank_{r:05d}.pt     torch / cuda / numpy / python RNG of every rank + its branches' streams
     state.json              step, data position (epoch, batch in epoch), placement
     config.yaml             the resolved config
-    COMPLETE                written last
+    manifest.json           size and sha256 of every file above (and of DeepSpeed's shards)
+    COMPLETE                written last; names the sha256 of manifest.json
 
 Everything is written into ``.tmp_step_{N:08d}/`` and renamed when complete, so a folder named
 ``step_*`` with a ``COMPLETE`` marker is never partial. The run folder must be on a file system
 that every rank sees (one node, or a shared file system across nodes).
+
+Checkpoints verify themselves: each rank hashes the files it wrote right after writing them (they
+are still in the page cache), rank 0 gathers the records into ``manifest.json`` before writing
+``COMPLETE``. ``resolve_resume`` (``train.resume=auto``) checks the newest complete checkpoint and
+falls back to the next older one on a mismatch or an unreadable file, naming the file;
+``load_branches`` (``evaluate``, ``predict``) checks the files it reads. A checkpoint written
+before manifests existed (no ``manifest.json``) still loads, unchecked. Every ``.pt`` file loads
+with ``torch.load(weights_only=True)`` (tensors, numbers, strings, containers; for the RNG files
+of those older checkpoints also exactly numpy's array types): a file carrying any other pickled
+object is refused with :class:`CheckpointCorrupt` and nothing in it runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-# The reading side (and the layout constants) is shared with evaluation and prediction, which
-# must not import the trainer; re-exported here for code that imported it from this module.
+# The reading side (layout constants, manifest checks, load_branches) is shared with evaluation
+# and prediction, which must not import the trainer; re-exported here for older imports.
 from distill_depth.checkpoint_io import (
+    MANIFEST,
     MARKER,
     STEP_DIR,
+    CheckpointCorrupt,
     CheckpointError,
     complete_checkpoints,
     device_name,
+    first_line,
     load_branches,
+    load_weights,
+    verify_checkpoint,
 )
 from distill_depth.config import Config, save_config
-from distill_depth.train.distributed import barrier
+from distill_depth.data.shard_reader import sha256_file
+from distill_depth.train.distributed import barrier, gather_objects
 from distill_depth.train.rng import BranchStreams, rng_state, set_rng_state
 
-__all__ = [
-    "MARKER", "STEP_DIR", "BranchState", "CheckpointError", "DataPosition", "checkpoint_dir",
-    "complete_checkpoints", "export_branches", "load_branches", "load_checkpoint", "resolve_resume",
-    "save_checkpoint", "write_export_meta",
-]
-
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class DataPosition:
@@ -107,14 +120,17 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     barrier()
+    written: list[str] = []
     for branch in branches:
         if branch.name not in leaders:
             continue
         folder = tmp / branch.name
         folder.mkdir(exist_ok=True)
         save_model(branch.model, str(folder / "model.safetensors"))
+        written.append(f"{branch.name}/model.safetensors")
         for filename, payload in branch.state_files().items():
             torch.save(payload, folder / filename)
+            written.append(f"{branch.name}/{filename}")
     for branch in branches:
         if branch.engine is not None:  # every rank of the group writes its ZeRO shard
             branch.engine.save_checkpoint(str(tmp / branch.name / "deepspeed"), tag="state")
@@ -122,13 +138,19 @@ def save_checkpoint(
     if streams is not None:
         rng["branches"] = streams.state_dict()
     torch.save(rng, tmp / "rng" / f"rank_{rank:05d}.pt")
-    barrier()
+    written.append(f"rng/rank_{rank:05d}.pt")
+    records = {name: file_record(tmp / name) for name in written}  # right after writing: from the page cache
+    gathered = gather_objects(records)  # collective: every rank has written its files
     if rank == 0:
+        files = {name: record for part in gathered for name, record in part.items()}
         state = {"step": step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
                  "world": world, **placement}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         save_config(cfg, tmp / "config.yaml")
-        (tmp / MARKER).write_text(f"step {step}\n")
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):  # state, config, DeepSpeed's shards
+            files.setdefault(file.relative_to(tmp).as_posix(), file_record(file))
+        digest = write_manifest(tmp, files)
+        (tmp / MARKER).write_text(f"step {step}\nmanifest sha256 {digest}\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
@@ -137,20 +159,57 @@ def save_checkpoint(
     return final
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    """What a manifest records of one file: its size in bytes and its sha256."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(folder: Path, files: dict[str, dict[str, Any]]) -> str:
+    """Write ``folder/manifest.json`` for ``files`` (relative name → :func:`file_record`); returns
+    the manifest's own sha256."""
+    text = json.dumps({"format": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}, indent=1)
+    (folder / MANIFEST).write_text(text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` → newest complete one (or none), ``none``, a path."""
+    """The verified checkpoint to resume from (see the module docstring).
+
+    ``auto``: the newest complete checkpoint in ``output_dir`` that passes its check (each one that
+    fails is logged, naming the file, and the next older one is tried); none when there is none,
+    an error when every one fails. ``none``: none. A path (a checkpoint, or a run folder: its
+    newest complete checkpoint): it, or an error naming what is wrong with it.
+    """
     if resume in ("none", "", "false"):
         return None
     if resume == "auto":
         found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(found):
+            try:
+                verify_checkpoint(candidate)
+                return candidate
+            except CheckpointCorrupt as exc:
+                log.warning("%s: skipping checkpoint %s, trying the previous complete one", exc, candidate.name)
+        if found:
+            raise CheckpointCorrupt(f"train.resume=auto: all {len(found)} complete checkpoint(s) in "
+                                    f"{Path(output_dir) / 'checkpoints'} fail their check (see the log); "
+                                    "train.resume=none starts afresh")
+        return None
     path = Path(resume)
     if (path / MARKER).is_file():
-        return path
-    found = complete_checkpoints(path)
-    if not found:
-        raise CheckpointError(f"train.resume={resume!r}: no complete checkpoint there (missing {MARKER})")
-    return found[-1]
+        target = path
+    else:
+        found = complete_checkpoints(path)
+        if not found:
+            what = ("does not exist" if not path.exists()
+                    else f"is no checkpoint (no {MARKER} marker, no complete checkpoint under it)")
+            raise CheckpointError(f"train.resume={resume}: {what}")
+        target = found[-1]
+    try:
+        verify_checkpoint(target)
+    except CheckpointCorrupt as exc:
+        raise CheckpointCorrupt(f"train.resume={resume}: {exc}") from None
+    return target
 
 
 def load_checkpoint(
@@ -166,7 +225,7 @@ def load_checkpoint(
         if branch.engine is not None:
             branch.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=True)
             continue
-        load_model(branch.model, str(folder / "model.safetensors"), strict=True, device=device_name(device))
+        load_weights(branch.model, folder / "model.safetensors", device)
         branch.optimizer.load_state_dict(_load(folder / "optimizer.pt", device))
         branch.scheduler.load_state_dict(_load(folder / "scheduler.pt", device))
         if branch.scaler is not None and (folder / "scaler.pt").is_file():
@@ -185,9 +244,27 @@ def load_checkpoint(
     return int(state["step"]), DataPosition(int(state["epoch"]), int(state["batch_in_epoch"]))
 
 
+def _numpy_array_types() -> list[Any]:
+    """The numpy globals that the RNG files of checkpoints before manifests pickled (their numpy
+    generator state): arrays of a plain dtype, nothing that runs code."""
+    import numpy as np  # noqa: PLC0415
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [np.ndarray, np.dtype, multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
 def _load(path: Path, device: torch.device) -> Any:
-    # Our own files (optimiser state, numpy RNG tuples): not restricted to weights.
-    return torch.load(path, map_location=device, weights_only=False)
+    """``torch.load(weights_only=True)``: optimiser/scheduler/scaler state, RNG state."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_types()):
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointCorrupt(f"checkpoint file {path}: refused: it holds a pickled object{what} that is not "
+                                "plain data, and loading it could run code; nothing of it was run") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointCorrupt(f"checkpoint file {path}: unreadable ({first_line(exc)})") from None
 
 
 def export_branches(output_dir: str | Path, models: dict[str, nn.Module]) -> Path:
@@ -206,3 +283,5 @@ def write_export_meta(output_dir: str | Path, cfg: Config, step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     (folder / "state.json").write_text(json.dumps({"step": step}))
+    write_manifest(folder, {p.name: file_record(p) for p in sorted(folder.iterdir())
+                            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")})

@@ -57,10 +57,19 @@ def run(args: argparse.Namespace) -> int:
     from distill_depth.topology import TopologyError  # noqa: PLC0415
     from distill_depth.train.checkpoint import CheckpointError  # noqa: PLC0415
     from distill_depth.train.deepspeed import DeepSpeedUnavailable  # noqa: PLC0415
+    from distill_depth.train.door import RunStopped  # noqa: PLC0415
     from distill_depth.train.tracking import TrackerError  # noqa: PLC0415
 
     try:
         code = train(cfg, stop_request)
+    except RunStopped as exc:
+        # Every rank agreed on it (a failed check at the door, too many non-finite steps): one line, from rank 0.
+        if exc.report:
+            print(f"distill-depth train: {exc.message}", file=sys.stderr)
+        sys.stderr.flush()
+        if distributed:
+            os._exit(exc.code)
+        return exc.code
     except (ConfigError, ShardError, TopologyError, CheckpointError, DeepSpeedUnavailable, TrackerError) as exc:
         # A setting that cannot work: say which, without a library traceback.
         print(f"distill-depth train: {exc}", file=sys.stderr)

@@ -94,11 +94,25 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def agree_to_stop(local_stop: bool, device: torch.device) -> bool:
     """True on every rank when any rank wants to stop (one small all-reduce per step)."""
+    return any_rank(local_stop, device)
+
+
+def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank of ``group`` (default: the world) when ``flag`` is true on any of them."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item() > 0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself when not distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local_stop
-    flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,12 +24,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from distill_depth.checkpoint_io import init_branch_weights
-from distill_depth.config import Config, save_config
+from distill_depth.config import Config, ConfigError, save_config
 from distill_depth.topology import Topology, plan_layout
 from distill_depth.train.checkpoint import (
-    BranchState, DataPosition, export_branches, load_checkpoint, resolve_resume, save_checkpoint, write_export_meta,
+    BranchState, DataPosition, export_branches, load_checkpoint, save_checkpoint, write_export_meta,
 )
-from distill_depth.train.distributed import agree_to_stop, barrier, gather_objects, make_accelerator, wrap_ddp
+from distill_depth.train.distributed import (
+    agree_to_stop, any_rank, barrier, broadcast_object, gather_objects, make_accelerator, wrap_ddp,
+)
+from distill_depth.train.door import RunStopped, check_run
+from distill_depth.train.nonfinite import (
+    BadSteps, InjectedFault, failure_message, restore_buffers, snapshot_buffers, term_label,
+)
 from distill_depth.train.optim import build_optimizer, build_scheduler
 from distill_depth.train.rng import BranchStreams, isolated_rng, seed_everything
 from distill_depth.train.signals import StopRequest, Watchdog, requeue_if_slurm, shield_data_workers
@@ -128,6 +135,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     topology = Topology(layout, rank, device)
     out = Path(cfg.train.output_dir)
     is_main = rank == 0
+    resume_from = _checked_at_the_door(cfg, is_main)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -156,7 +164,6 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     if cfg.train.deepspeed != "none":
         _attach_deepspeed(branches, topology, cfg, micro_batch=hi - lo)
     step, position = 0, DataPosition()
-    resume_from = resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         step, position = load_checkpoint(resume_from, list(branches.values()), rank, device, streams)
         if is_main:
@@ -184,6 +191,9 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
     samples_per_step = layout.n_cells * layout.cell_batch_size(cfg.data.batch_size) * cfg.train.grad_accum
     progress = _progress_bar(is_main, step, cfg.train.max_steps)
     totals: dict[str, list[float]] = defaultdict(list)
+    step_values: dict[str, list[float]] = defaultdict(list)  # loss terms of the step under way
+    bad_steps = BadSteps([n for n, b in branches.items() if b.engine is None], cfg.train.max_bad_steps)
+    fault = InjectedFault.from_env()
     last_pred: dict[str, Any] = {}
     log_start = time.perf_counter()
     exit_code = 0
@@ -193,6 +203,7 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
             return exit_code
         while step < cfg.train.max_steps:
             step_start = time.perf_counter()
+            buffers = {n: snapshot_buffers(b.model) for n, b in branches.items() if b.engine is None}
             for micro in range(cfg.train.grad_accum):
                 t0 = time.perf_counter()
                 batch = source.next().slice(lo, hi).to(device)
@@ -218,6 +229,8 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                         t0 = time.perf_counter()
                         with streams.use(name):
                             loss, terms = state.model.loss(batch, predictions[name], partners[name], step)
+                        if fault is not None:
+                            loss, terms = fault.apply(name, step + 1, rank, loss, terms)
                         if state.engine is not None:  # DeepSpeed divides by grad_accum and steps at the boundary
                             state.engine.backward(loss.float())
                             state.engine.step()
@@ -225,25 +238,35 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                             scaled = loss.float() / cfg.train.grad_accum
                             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
                         totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
-                        totals[f"{name}/loss"].append(float(loss.detach()))
-                        for term, value in terms.items():
-                            totals[f"{name}/{term}"].append(float(value))
+                        values = {"loss": float(loss.detach()), **{t: float(v) for t, v in terms.items()}}
+                        bad_steps.see(name, values)
+                        for term, value in values.items():
+                            step_values[f"{name}/{term}"].append(value)
                 last_pred = predictions
             for name, state in branches.items():
                 t0 = time.perf_counter()
                 totals[f"{name}/lr"].append(state.scheduler.get_last_lr()[0])
-                _optimizer_step(state, cfg.optim.grad_clip)
+                if not _optimizer_step(state, cfg.optim.grad_clip, bad_steps, topology.groups.get(name), device, step + 1,
+                                       buffers.get(name)):
+                    for key in [k for k in step_values if k.startswith(f"{name}/")]:
+                        totals[key].extend(step_values.pop(key))
                 totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
+            step_values.clear()  # a skipped step's (non-finite) values stay out of the means
             step += 1
             watchdog.beat()
             t0 = time.perf_counter()
-            stop = agree_to_stop(stop_request.requested, device)
+            stop = agree_to_stop(stop_request.requested or bad_steps.exhausted(), device)
+            # every rank agreed to stop, so every rank gathers: did a branch run out of good steps?
+            failures = [f for part in gather_objects(bad_steps.failures(rank)) for f in part] if stop else []
             # Idle time of the faster group: it waits here for the slower one to finish its step.
             totals["time/sync_s"].append(time.perf_counter() - t0)
             totals["time/step_s"].append(time.perf_counter() - step_start)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or stop:
                 elapsed = time.perf_counter() - log_start
                 n_steps = len(totals["time/step_s"])
+                for name in bad_steps.window:
+                    totals[f"{name}/skipped_steps"] = [float(bad_steps.window[name])]
+                    bad_steps.window[name] = 0
                 scalars = _reduce_scalars(totals, is_main)
                 if is_main:
                     scalars["samples_per_s"] = samples_per_step * n_steps / max(elapsed, 1e-9)
@@ -274,6 +297,8 @@ def _train(cfg: Config, stop_request: StopRequest) -> int:
                 watchdog.beat()
                 if is_main:
                     log.info("checkpoint step %d written to %s", step, path)
+            if failures:
+                raise RunStopped(failure_message(failures, cfg.train.max_bad_steps, path), 1, report=is_main)
             if stop and not final:
                 if is_main:
                     log.warning("stopped by signal at step %d; checkpoint complete", step)
@@ -307,6 +332,23 @@ def _init_weights(branches: dict[str, BranchState], cfg: Config, device: torch.d
                 log.info("branch %s starts from %s", name, path)
 
 
+def _checked_at_the_door(cfg: Config, is_main: bool) -> Path | None:
+    """Rank 0 checks what the run needs (``door.check_run``) before any model is built; every
+    rank gets the verdict, so all stop together (:class:`RunStopped`, exit 2) with one message.
+    Returns the verified checkpoint to resume from."""
+    verdict: tuple[str | None, str | None] = (None, None)
+    if is_main:
+        try:
+            found = check_run(cfg)
+            verdict = (None, None if found is None else str(found))
+        except ConfigError as exc:
+            verdict = (str(exc), None)
+    error, resume = broadcast_object(verdict)
+    if error is not None:
+        raise RunStopped(error, 2, report=is_main)
+    return None if resume is None else Path(resume)
+
+
 def _stop_before_first_step(step: int, is_main: bool) -> None:
     """A stop signal arrived during start-up (all ranks agreed before doing any step).
 
@@ -334,20 +376,38 @@ def _attach_deepspeed(branches: dict[str, BranchState], topology: Topology, cfg:
         state.scaler = None  # the engine scales fp16 losses itself
 
 
-def _optimizer_step(state: BranchState, grad_clip: float | None) -> None:
+def _optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadSteps, group: Any,
+                    device: torch.device, step: int, buffers: list[torch.Tensor] | None) -> bool:
+    """The branch's update at the step boundary; True when the step was bad (non-finite on some
+    rank of the branch's ``group``, agreed by all of them): update skipped, ``buffers`` (taken
+    before the step's forward passes) put back."""
     if state.engine is not None:
-        return  # stepped by the engine inside the micro-step loop
+        return False  # stepped by the engine inside the micro-step loop
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
-    if state.scaler is not None:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+    bad = any_rank(bad_steps.local_verdict(state.name, state.model), device, group)
+    bad_steps.settle(state.name, bad, step)
+    if bad:
+        restore_buffers(state.model, buffers or [])
+        if state.scaler is not None:  # the same back-off on every rank, whatever each one's own overflow check said
+            state.scaler.update(state.scaler.get_scale() * state.scaler.get_backoff_factor())
+        if bad_steps.streak[state.name][1] is not None:
+            log.warning("step %d: %s is not finite; branch %s's optimiser step skipped (%d in a row)", step,
+                        term_label(state.name, bad_steps.streak[state.name][1]), state.name,
+                        bad_steps.in_a_row[state.name])
     else:
-        state.optimizer.step()
-    state.scheduler.step()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: the schedule follows the step count on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+        state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    return bad
 
 
 def _reduce_scalars(totals: dict[str, list[float]], is_main: bool) -> dict[str, float]:

@@ -34,17 +34,32 @@ def stream_seed(seed: int, branch: str, replica: int) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    """The global torch / cuda / numpy / python generator states of this process."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global torch / cuda / numpy / python generator states of this process, as tensors,
+    numbers and strings only (a checkpoint's RNG file loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s output (or the numpy/python tuples that older checkpoints pickled)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    saved_np, saved_py = state["numpy"], state["python"]
+    if isinstance(saved_np, dict):
+        saved_np = (saved_np["kind"], saved_np["keys"].numpy().astype(np.uint32), saved_np["pos"],
+                    saved_np["has_gauss"], saved_np["cached_gaussian"])
+    if isinstance(saved_py, dict):
+        saved_py = (saved_py["version"], tuple(int(x) for x in saved_py["internal"].tolist()), saved_py["gauss"])
+    np.random.set_state(saved_np)
+    random.setstate(saved_py)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -1,17 +1,25 @@
-"""Checkpoints: atomic step folders, keep-last, RNG and data position, exports, load_branches."""
+"""Checkpoints: atomic step folders, keep-last, RNG and data position, exports, load_branches;
+manifests that verify them, fallback past a bad one, safe loading."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import random
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from distill_depth.branches import build_branch
 from distill_depth.config import load_config
 from distill_depth.train.checkpoint import (
-    BranchState, CheckpointError, DataPosition, complete_checkpoints, export_branches, load_branches,
-    load_checkpoint, resolve_resume, save_checkpoint, write_export_meta,
+    BranchState, CheckpointCorrupt, CheckpointError, DataPosition, complete_checkpoints, export_branches,
+    file_record, load_branches, load_checkpoint, resolve_resume, save_checkpoint, verify_checkpoint,
+    write_export_meta, write_manifest,
 )
 from distill_depth.train.optim import build_optimizer, build_scheduler
 
@@ -69,3 +77,109 @@ def test_save_keep_last_resume_and_load_branches(cfg) -> None:
         load_branches(out / "nothing-here")
     with pytest.raises(CheckpointError):
         resolve_resume(str(out / "export"), out)
+
+
+def _two_checkpoints(tmp_path: Path):
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}"])
+    out = Path(cfg.train.output_dir)
+    branches = [_state("S", cfg, 0), _state("U", cfg, 1)]
+    placement = {"mode": "colocated", "ratio": 1, "branches": ["S", "U"]}
+    for step in (2, 4):
+        save_checkpoint(out, step, DataPosition(0, step), branches, {"S", "U"}, 0, 1, cfg, placement, keep_last=2)
+    return cfg, out, branches
+
+
+def _truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def test_checkpoint_manifest_records_every_file(tmp_path: Path) -> None:
+    _, out, _ = _two_checkpoints(tmp_path)
+    newest = complete_checkpoints(out)[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(newest).as_posix() for p in newest.rglob("*")
+               if p.is_file() and p.name not in ("manifest.json", "COMPLETE")}
+    assert set(manifest) == on_disk and "S/optimizer.pt" in manifest and "rng/rank_00000.pt" in manifest
+    record = manifest["S/model.safetensors"]
+    assert record["bytes"] == (newest / "S/model.safetensors").stat().st_size
+    assert record["sha256"] == hashlib.sha256((newest / "S/model.safetensors").read_bytes()).hexdigest()
+    assert verify_checkpoint(newest) is True
+
+
+def test_truncated_newest_checkpoint_falls_back_and_is_named(tmp_path: Path, caplog) -> None:
+    """A newest checkpoint whose S/model.safetensors was cut short after COMPLETE: auto resume logs
+    the file and takes the previous complete checkpoint; an explicit path and load_branches (what
+    evaluate/predict call) fail with an error naming the file."""
+    _, out, _ = _two_checkpoints(tmp_path)
+    older, newest = complete_checkpoints(out)
+    bad = newest / "S" / "model.safetensors"
+    _truncate(bad)
+    with caplog.at_level(logging.WARNING, logger="distill_depth.train.checkpoint"):
+        assert resolve_resume("auto", out) == older
+    assert str(bad) in caplog.text and "truncated" in caplog.text
+    with pytest.raises(CheckpointCorrupt, match=re.escape(str(bad))):
+        resolve_resume(str(newest), out)
+    with pytest.raises(CheckpointCorrupt, match=re.escape(str(bad))):
+        load_branches(newest, names=("S",))
+    load_branches(newest, names=("U",))  # the files it reads are intact
+    (older / "rng" / "rank_00000.pt").write_bytes(b"rot")  # same failure everywhere: an error, no silent restart
+    with pytest.raises(CheckpointCorrupt, match="all 2 complete checkpoint"):
+        resolve_resume("auto", out)
+
+
+def test_resume_path_that_is_no_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    with pytest.raises(CheckpointError, match="is no checkpoint"):
+        resolve_resume(str(tmp_path), tmp_path)
+
+
+class _RunsCode:
+    """A pickled object whose unpickling would create ``marker`` (what a hostile checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """optimizer.pt replaced by a pickle that runs code, manifest and COMPLETE rewritten to match
+    (what an attacker with write access does): refused with an error naming the file; the code
+    never runs. Loading the same file with weights_only=False would run it."""
+    cfg, out, _ = _two_checkpoints(tmp_path)
+    newest = complete_checkpoints(out)[-1]
+    marker = tmp_path / "pwned"
+    hostile = newest / "S" / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "x": _RunsCode(marker)}, hostile)
+    files = json.loads((newest / "manifest.json").read_text())["files"]
+    files["S/optimizer.pt"] = file_record(hostile)
+    (newest / "COMPLETE").write_text(f"step 4\nmanifest sha256 {write_manifest(newest, files)}\n")
+    assert resolve_resume("auto", out) == newest  # the check passes: the file is what the manifest says
+    fresh = [_state("S", cfg, 5), _state("U", cfg, 6)]
+    with pytest.raises(CheckpointCorrupt, match=re.escape(str(hostile)) + r".*refused.*\(io.open\)"):
+        load_checkpoint(newest, fresh, 0, torch.device("cpu"))
+    assert not marker.exists()
+    torch.load(hostile, weights_only=False)  # the payload is real: unrestricted unpickling runs it
+    assert marker.exists()
+
+
+def test_checkpoint_from_before_manifests_still_loads(tmp_path: Path) -> None:
+    """No manifest.json, RNG file with numpy's pickled generator state (the old format): loads,
+    RNG restored."""
+    cfg, out, _ = _two_checkpoints(tmp_path)
+    newest = complete_checkpoints(out)[-1]
+    (newest / "manifest.json").unlink()
+    (newest / "COMPLETE").write_text("step 4\n")
+    np.random.seed(3)
+    random.seed(4)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               newest / "rng" / "rank_00000.pt")
+    expected = (np.random.rand(), random.random())
+    np.random.seed(99)
+    random.seed(99)
+    assert resolve_resume("auto", out) == newest
+    step, _ = load_checkpoint(newest, [_state("S", cfg, 5), _state("U", cfg, 6)], 0, torch.device("cpu"))
+    assert step == 4 and (np.random.rand(), random.random()) == expected

@@ -1,3 +1,63 @@
+"""Checked at the door: the real ``distill-depth train`` command refuses a run that cannot work
+with one line naming the key and the path, exit 2, no traceback, before any model is built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_procs import REPO, child_env, launch, tiny_overrides
+
+
+def _train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill_depth.cli", "train", *overrides], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+
+
+def _refused(result: subprocess.CompletedProcess, *expected: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("distill-depth train: "), result.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", ["train_shards", "output_dir", "resume"])
+def test_train_refuses_at_the_door(case: str, tiny_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    not_a_checkpoint = tmp_path / "some_folder"
+    not_a_checkpoint.mkdir()
+    overrides = tiny_overrides(tiny_shards, out, 2, "train.report_to=none")
+    if case == "train_shards":
+        result = _train(*overrides, "data.train_shards=/wrong/path")
+        _refused(result, "data.train_shards=/wrong/path", "no such file or folder")
+    elif case == "output_dir":
+        out = blocker / "run"
+        result = _train(*overrides, f"train.output_dir={out}")
+        _refused(result, f"train.output_dir={out}", "not writable")
+    else:
+        result = _train(*overrides, f"train.resume={not_a_checkpoint}")
+        _refused(result, f"train.resume={not_a_checkpoint}", "is no checkpoint")
+    assert not (out / "config.yaml").exists()  # refused before the run folder was set up
+    assert "placement:" not in result.stderr  # before the models (logged right after the door)
+
+
+def test_truncated_shard_is_refused_at_the_door(tiny_shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    victim = sorted(shards.glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:2048])
+    out = tmp_path / "run"
+    result = _train(*tiny_overrides(shards, out, 2, "train.report_to=none"))
+    _refused(result, f"data.train_shards={shards}", str(victim), "truncated")
+    assert "placement:" not in result.stderr
 
 
 def test_resume_past_a_truncated_checkpoint_through_the_cli(tiny_shards: Path, tmp_path: Path) -> None:

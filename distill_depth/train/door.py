@@ -1,0 +1,73 @@
+"""Checked at the door: what a run needs, verified before any model is built.
+
+Rank 0 checks, every rank hears the verdict (one broadcast), so all ranks stop together and only
+rank 0 prints the one line (see :class:`RunStopped`). Checked: the train (and, when validation
+runs, val) shards resolve, their manifests read and list shards of the recorded sizes (the sha256
+of each shard is checked by every rank's stream), ``model.weights`` exists under
+``model.pretrained: file``, ``train.output_dir`` is writable, and ``train.resume`` resolves to a
+checkpoint that passes its manifest check (``auto`` falls back past a failing one).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distill_depth.config import Config, ConfigError
+from distill_depth.data.shard_reader import ShardError, resolve_shards
+from distill_depth.train.checkpoint import CheckpointError, resolve_resume
+
+
+class RunStopped(Exception):
+    """An error that every rank raises together, after agreeing on it: the launcher's command
+    prints ``message`` once (``report`` is true on rank 0 only) and exits with ``code``."""
+
+    def __init__(self, message: str, code: int, report: bool) -> None:
+        super().__init__(message)
+        self.message, self.code, self.report = message, code, report
+
+
+def check_run(cfg: Config) -> Path | None:
+    """Raise :class:`ConfigError` (naming the key and the path) for a run that cannot work;
+    returns the checkpoint to resume from (None: a fresh start)."""
+    _check_shards("data.train_shards", cfg.data.train_shards)
+    if cfg.data.val_shards and cfg.train.val_every:
+        _check_shards("data.val_shards", cfg.data.val_shards)
+    if cfg.model.pretrained == "file" and not Path(str(cfg.model.weights)).is_file():
+        raise ConfigError(f"model.weights={cfg.model.weights}: no such file (model.pretrained is 'file')")
+    _check_writable("train.output_dir", Path(cfg.train.output_dir))
+    try:
+        return resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    except CheckpointError as exc:
+        message = str(exc)
+        if not message.startswith("train.resume"):
+            message = f"train.resume={cfg.train.resume}: {message}"
+        raise ConfigError(message) from None
+
+
+def _check_shards(key: str, spec: str) -> None:
+    """The shards resolve, their manifest reads, every shard it lists is there with its recorded
+    size. (Each rank's stream checks the sha256 of the shards when it opens them, all ranks at
+    once: hashing every shard here would keep the other ranks waiting on rank 0.)"""
+    if "{" not in spec and not os.path.exists(spec):
+        raise ConfigError(f"{key}={spec}: no such file or folder")
+    try:
+        shards = resolve_shards(spec, verify=False)
+        records = {r.get("name"): r for r in (shards.manifest or {}).get("shards", [])}
+        for url in shards.urls:
+            recorded = records.get(Path(url).name, {}).get("bytes")
+            if recorded is not None and os.path.getsize(url) != recorded:
+                raise ShardError(f"{url}: {os.path.getsize(url)} bytes, its manifest says {recorded} "
+                                 "(truncated or replaced shard)")
+    except (ShardError, OSError) as exc:
+        raise ConfigError(f"{key}={spec}: {exc}") from None
+
+
+def _check_writable(key: str, folder: Path) -> None:
+    probe = folder / f".write_check_{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}={folder}: not writable ({exc.strerror or exc})") from None
