@@ -1,7 +1,7 @@
 """Fidelity benchmark: does mutual distillation beat the single branches on our synthetic data?
 
     python benchmarks/fidelity.py --quick --jobs 2   # ~8 min, 2-core CPU: S-only, U-only, mutual; fractions 1, 0.25
-    python benchmarks/fidelity.py --jobs 2           # ~60 min: 3 seeds x fractions 1, 0.25, 0.05, 200 steps
+    python benchmarks/fidelity.py --jobs 2           # ~55 min: 3 seeds x fractions 1, 0.25, 0.05, 160 steps
     python benchmarks/fidelity.py --runs sup_only,mutual,one_way --seeds 0 --steps 600 --work /tmp/fid
     python benchmarks/fidelity.py --quick --data-seeds 1100,3000 --set loss.lambda_distill=0.2   # tune elsewhere
 
@@ -87,7 +87,7 @@ class Plan:
 # 22 beams over the HDL-64E's field of view: at 64 rows, one beam every ~2.8 rows, the density
 # KITTI's 64 beams have at the standard 640x192 (64 beams at 64 rows would cover every row).
 FULL = Plan(height=64, width=192, beams=22, train_drives=8, train_frames=50, test_drives=2, test_frames=24,
-            steps=200, batch_size=4)
+            steps=160, batch_size=4)
 FULL_SEEDS, FULL_FRACTIONS = "0,1,2", "1,0.25,0.05"
 FAILURE_FLAGS = ("--moving-objects", "3", "--lidar-dropout", "--lidar-noise", "0.03", "--textureless")
 """What ``--failures`` passes to ``distill-depth synth``: the failures each branch has and the other may repair."""
