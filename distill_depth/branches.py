@@ -20,6 +20,7 @@ from distill_depth.losses import (
     distill,
     distill_ramp,
     identity_error,
+    lidar_coverage,
     lidar_trust,
     photometric,
     point_filtering,
@@ -112,7 +113,7 @@ class _Branch(nn.Module):
 
     def _distill_term(
         self, prediction: Prediction, partner: PartnerPrediction | None, step: int, scale_align: bool,
-        image_weight: Tensor | None = None,
+        image_weight: Tensor | None = None, region: Tensor | None = None,
     ) -> tuple[Tensor, float]:
         """(L_student<-partner, its ramped weight); (0, 0) when alone or disabled by ``loss.distill_direction``."""
         zero = torch.zeros((), dtype=torch.float32, device=prediction.canonical_depth.device)
@@ -126,6 +127,8 @@ class _Branch(nn.Module):
             )
         device = prediction.canonical_depth.device
         mask = prediction.canonical_valid & partner.valid.to(device)
+        if region is not None:
+            mask = mask & region.to(device)
         relative = self.cfg.loss.distill_gate == "relative"
         term = distill(
             prediction.canonical_depth,
@@ -138,6 +141,18 @@ class _Branch(nn.Module):
         )
         weight = distill_ramp(step, self.cfg.train.max_steps, self.cfg.loss.lambda_distill, self.cfg.loss.distill_warmup)
         return term, weight
+
+    def _distill_region(self, batch: Batch, inside: bool) -> Tensor | None:
+        """``loss.distill_regions: by_coverage``: (B, 1, H, W) bool, the pixels inside (U's term)
+        or outside (S's term) the LiDAR's reach of labelled images, every pixel of the others."""
+        if self.cfg.loss.distill_regions != "by_coverage":
+            return None
+        sparse = batch.sparse_depth.float()
+        if batch.labelled is not None:
+            sparse = sparse.masked_fill(~batch.labelled.to(sparse.device).view(-1, 1, 1, 1), 0.0)
+        covered, has_lidar = lidar_coverage(sparse)
+        region = covered if inside else ~covered
+        return region | ~has_lidar.view(-1, 1, 1, 1)
 
     @torch.no_grad()
     def infer(self, image: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,7 +249,9 @@ class SupervisedBranch(_Branch):
             pf = torch.stack(pf_terms).mean()
             align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
             trust = self._partner_trust(batch, prediction, partner, labelled, align)
-            distill_term, weight = self._distill_term(prediction, partner, step, align, trust)
+            distill_term, weight = self._distill_term(
+                prediction, partner, step, align, trust, region=self._distill_region(batch, inside=False)
+            )
             total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
             conf0 = prediction.confidence[0].float()
             terms = {
@@ -346,7 +363,9 @@ class SelfSupervisedBranch(_Branch):
                     pe_mean, mask_fraction = masked_mean(pe_min, mask).detach(), mask.float().mean()
             photo = torch.stack(photo_terms).mean()
             smooth = torch.stack(smooth_terms).mean()
-            distill_term, weight = self._distill_term(prediction, partner, step, scale_align=False)
+            distill_term, weight = self._distill_term(
+                prediction, partner, step, scale_align=False, region=self._distill_region(batch, inside=True)
+            )
             total = photo + loss_cfg.lambda_smooth * smooth + weight * distill_term
             translations = [T[:, :3, 3].norm(dim=1).mean() for n, T in poses.items() if n != "stereo"]
             terms = {

@@ -139,6 +139,11 @@ class LossConfig:
     LiDAR gets the running mean of t (momentum ``0.9``, kept in S's state). U's confidence comes from
     photometric errors and says nothing about a wrong scale or a wrong surface that warps well;
     the LiDAR does."""
+    distill_regions: Literal["everywhere", "by_coverage"] = "everywhere"
+    """Where each distillation term applies. ``everywhere``: every pixel both branches saw.
+    ``by_coverage``: S learns from U only outside its LiDAR's reach (above the top return of each
+    column, columns without returns) and U from S only inside it (where S's depth is supervised);
+    images without LiDAR (unlabelled) keep every pixel both ways. The labels decide who teaches."""
     distill_gate: Literal["teacher", "relative"] = "teacher"
     """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
     ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),

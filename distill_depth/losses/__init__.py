@@ -1,7 +1,7 @@
 """The loss terms of METHOD.md, one function each; every one runs in fp32 even under autocast."""
 
 from distill_depth.losses.common import confidence_nll, masked_mean, upsample
-from distill_depth.losses.distill import aligns_u_scale, distill, distill_ramp, lidar_trust, median_scale
+from distill_depth.losses.distill import aligns_u_scale, distill, distill_ramp, lidar_coverage, lidar_trust, median_scale
 from distill_depth.losses.photometric import (
     identity_error,
     photometric,
@@ -26,6 +26,7 @@ __all__ = [
     "depth_error",
     "distill",
     "distill_ramp",
+    "lidar_coverage",
     "lidar_trust",
     "identity_error",
     "lidar_mask",

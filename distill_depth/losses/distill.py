@@ -46,6 +46,21 @@ def median_scale(student_depth: Tensor, teacher_depth: Tensor, mask: Tensor) -> 
     return torch.stack(scales).view(-1, 1, 1, 1)
 
 
+def lidar_coverage(sparse_depth: Tensor) -> tuple[Tensor, Tensor]:
+    """Where an image's LiDAR reaches: per column, the rows from its highest to its lowest return.
+
+    sparse_depth (B, 1, H, W), 0 = no return. Returns (covered (B, 1, H, W) bool, has_lidar (B,)
+    bool). Above the top beam, and in columns without any return, nothing is covered.
+    """
+    hit = torch.isfinite(sparse_depth) & (sparse_depth > 0)
+    rows = torch.arange(hit.shape[-2], device=hit.device).view(1, 1, -1, 1)
+    big = hit.shape[-2]
+    top = torch.where(hit, rows, big).amin(dim=-2, keepdim=True)
+    bottom = torch.where(hit, rows, -1).amax(dim=-2, keepdim=True)
+    covered = (rows >= top) & (rows <= bottom)
+    return covered, hit.flatten(1).any(dim=1)
+
+
 @fp32
 def lidar_trust(student_depth: Tensor, teacher_depth: Tensor, sparse_depth: Tensor, mask: Tensor,
                 scale_align: bool = False) -> tuple[Tensor, Tensor]:
