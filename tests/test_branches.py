@@ -472,3 +472,32 @@ def test_partner_trust_scales_s_from_u_by_the_lidar_error_ratio(batch: Batch) ->
     assert good_terms["partner_trust"].item() == pytest.approx(1.0)  # the truth: trusted fully
     assert 0.0 < bad_terms["partner_trust"].item() < 0.99  # an untrained S errs by ~0.67 in log, the partner by log 2
     assert s_branch.partner_trust.item() < after_good
+
+
+def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> None:
+    """by_coverage: S's term sees only pixels outside the LiDAR's reach, U's only inside; an
+    unlabelled image gives both terms every pixel. Checked with a partner that differs from the
+    student only above the top return (S's term then equals the everywhere term's share there)."""
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.loss.distill_regions = "by_coverage"
+    cfg.loss.scale_align = "off"  # aligned, a factor 2 would vanish
+    s_branch, u_branch = build_branch("S", cfg).eval(), build_branch("U", cfg).eval()
+    from distill_depth.losses import lidar_coverage
+
+    covered, has_lidar = lidar_coverage(batch.sparse_depth)
+    assert has_lidar.all() and covered.any() and (~covered).any()
+    s_pred, u_pred = s_branch(batch), u_branch(batch)
+    # a partner equal to the student inside the coverage, 2x off outside it
+    own = s_pred.for_partner()
+    outside_only = replace(own, depth=torch.where(covered, own.depth, own.depth * 2.0),
+                           confidence=torch.ones_like(own.confidence))
+    s_term = s_branch.loss(batch, s_pred, outside_only, 10_000)[1]["distill"].item()
+    assert s_term == pytest.approx(math.log(2.0), rel=1e-4)  # every compared pixel is outside
+    own_u = u_pred.for_partner()
+    inside_equal = replace(own_u, depth=torch.where(covered, own_u.depth, own_u.depth * 2.0),
+                           confidence=torch.ones_like(own_u.confidence))
+    assert u_branch.loss(batch, u_pred, inside_equal, 10_000)[1]["distill"].item() == pytest.approx(0.0, abs=1e-6)
+    unlabelled = replace(batch, labelled=torch.zeros(batch.image.shape[0], dtype=torch.bool))
+    u_all = u_branch.loss(unlabelled, u_pred, inside_equal, 10_000)[1]["distill"].item()
+    assert u_all > 0.1  # now the outside pixels count for U too

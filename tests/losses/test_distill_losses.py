@@ -161,3 +161,13 @@ def test_lidar_trust_is_the_ratio_of_median_errors_at_the_lidar_points() -> None
     scaled = truth * 3.0
     aligned, _ = lidar_trust(truth * math.exp(0.1), scaled, sparse, _all((3, 1, 4, 4)), scale_align=True)
     assert aligned[:2].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_lidar_coverage_spans_each_columns_returns() -> None:
+    from distill_depth.losses import lidar_coverage
+
+    sparse = torch.zeros(2, 1, 6, 3)
+    sparse[0, 0, 2, 0], sparse[0, 0, 4, 0], sparse[0, 0, 3, 1] = 5.0, 6.0, 7.0
+    covered, has_lidar = lidar_coverage(sparse)
+    assert covered[0, 0].int().tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]]
+    assert has_lidar.tolist() == [True, False] and not covered[1].any()
