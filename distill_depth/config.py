@@ -123,7 +123,7 @@ class LossConfig:
     """Which distillation terms are active (ablations: one way only, none)."""
     scale_align: Literal["auto", "on", "off"] = "auto"
     """Median scale alignment k in L_s<-u; auto = on unless ``data.u_sources`` has stereo (metric)."""
-    teacher_view: Literal["own", "clean"] = "own"
+    teacher_view: Literal["own", "clean"] = "clean"
     """Which prediction a branch sends to its partner. ``own``: the one on its own augmented view,
     mapped back (what its loss sees). ``clean``: an extra forward pass without gradients on the
     un-augmented image (BatchNorm statistics untouched), so a strongly augmented S teaches with
