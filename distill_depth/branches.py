@@ -45,6 +45,15 @@ def network_input(image: Tensor) -> Tensor:
     return torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def labelled_lidar(batch: Batch) -> Tensor:
+    """(B, 1, H, W) fp32: the batch's canonical-frame LiDAR, zero on samples outside the labelled
+    subset (``Batch.labelled``); what the partner-side rules (trust, coverage) may read."""
+    sparse = batch.sparse_depth.float()
+    if batch.labelled is None:
+        return sparse
+    return sparse.masked_fill(~batch.labelled.to(sparse.device).view(-1, 1, 1, 1), 0.0)
+
+
 class BranchError(ValueError):
     """A batch or partner prediction does not fit what the branch needs; the message says what."""
 
@@ -147,10 +156,7 @@ class _Branch(nn.Module):
         or outside (S's term) the LiDAR's reach of labelled images, every pixel of the others."""
         if self.cfg.loss.distill_regions != "by_coverage":
             return None
-        sparse = batch.sparse_depth.float()
-        if batch.labelled is not None:
-            sparse = sparse.masked_fill(~batch.labelled.to(sparse.device).view(-1, 1, 1, 1), 0.0)
-        covered, has_lidar = lidar_coverage(sparse)
+        covered, has_lidar = lidar_coverage(labelled_lidar(batch))
         region = covered if inside else ~covered
         return region | ~has_lidar.view(-1, 1, 1, 1)
 
@@ -185,13 +191,13 @@ class SupervisedBranch(_Branch):
             self.register_buffer("partner_trust", torch.ones(()))
 
     def _partner_trust(self, batch: Batch, prediction: Prediction, partner: PartnerPrediction | None,
-                       labelled: Tensor, align: bool) -> Tensor | None:
+                       align: bool) -> Tensor | None:
         """(B,) factor on L_s<-u (``loss.partner_trust: lidar``), or None. Labelled images get their
         own t; the others the batch's labelled mean, else the running mean, which is updated here."""
         if self.cfg.loss.partner_trust != "lidar" or partner is None:
             return None
         device = prediction.canonical_depth.device
-        sparse = batch.sparse_depth.to(device).float().masked_fill(~labelled.view(-1, 1, 1, 1), 0.0)
+        sparse = labelled_lidar(batch).to(device)
         mask = prediction.canonical_valid & partner.valid.to(device)
         trust, has_lidar = lidar_trust(prediction.canonical_depth, partner.depth.to(device), sparse, mask, align)
         if has_lidar.any():
@@ -248,7 +254,7 @@ class SupervisedBranch(_Branch):
             sup = torch.stack(sup_terms).mean()
             pf = torch.stack(pf_terms).mean()
             align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
-            trust = self._partner_trust(batch, prediction, partner, labelled, align)
+            trust = self._partner_trust(batch, prediction, partner, align)
             distill_term, weight = self._distill_term(
                 prediction, partner, step, align, trust, region=self._distill_region(batch, inside=False)
             )
