@@ -209,6 +209,15 @@ class SupervisedBranch(_Branch):
             fill = self.partner_trust
         return torch.where(has_lidar, trust, fill.to(trust.dtype))
 
+    def _image_weight(self, labelled: Tensor, trust: Tensor | None) -> Tensor | None:
+        """(B,) factor on L_s<-u per image: the partner trust times ``loss.unlabelled_distill_gain`` on
+        unlabelled samples; None when both are neutral."""
+        gain = self.cfg.loss.unlabelled_distill_gain
+        if gain == 1.0:
+            return trust
+        per_image = torch.where(labelled, 1.0, gain).float()
+        return per_image if trust is None else trust * per_image
+
     def forward(self, batch: Batch) -> Prediction:
         """Augment (train mode only), predict per scale, map full resolution back to the canonical frame."""
         return self._predict_depth(self.augmenter(batch), batch)
@@ -256,7 +265,8 @@ class SupervisedBranch(_Branch):
             align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
             trust = self._partner_trust(batch, prediction, partner, align)
             distill_term, weight = self._distill_term(
-                prediction, partner, step, align, trust, region=self._distill_region(batch, inside=False)
+                prediction, partner, step, align, self._image_weight(labelled, trust),
+                region=self._distill_region(batch, inside=False),
             )
             total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
             conf0 = prediction.confidence[0].float()

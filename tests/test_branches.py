@@ -501,3 +501,32 @@ def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> N
     unlabelled = replace(batch, labelled=torch.zeros(batch.image.shape[0], dtype=torch.bool))
     u_all = u_branch.loss(unlabelled, u_pred, inside_equal, 10_000)[1]["distill"].item()
     assert u_all > 0.1  # now the outside pixels count for U too
+
+
+
+def test_unlabelled_distill_gain_scales_s_from_u_on_unlabelled_samples_only(batch: Batch) -> None:
+    """unlabelled_distill_gain=g: with a partner 1.5x off everywhere (confidence 1), L_s<-u is log 1.5
+    on an all-labelled batch with or without the gain, and (n - 1 + g)/n · log 1.5 when one of n
+    samples is unlabelled."""
+    torch.manual_seed(0)
+    cfg, gained = Config(), Config()
+    for c in (cfg, gained):
+        c.loss.scale_align = "off"  # aligned, a factor 1.5 would vanish
+    gained.loss.unlabelled_distill_gain = 4.0
+    s_default, s_gained = build_branch("S", cfg).eval(), build_branch("S", gained).eval()
+    s_gained.load_state_dict(s_default.state_dict())
+    prediction = s_default(batch)
+    assert prediction.canonical_valid.all()  # eval: no augmentation, every pixel compared
+    own = prediction.for_partner()
+    partner = replace(own, depth=prediction.canonical_depth.detach() * 1.5, confidence=torch.ones_like(own.confidence))
+    n = batch.image.shape[0]
+
+    def term(branch, labelled: torch.Tensor) -> float:
+        return branch.loss(replace(batch, labelled=labelled), prediction, partner, 10_000)[1]["distill"].item()
+
+    everyone = torch.ones(n, dtype=torch.bool)
+    assert term(s_default, everyone) == pytest.approx(math.log(1.5), rel=1e-4)
+    assert term(s_gained, everyone) == pytest.approx(math.log(1.5), rel=1e-4)
+    first_unlabelled = torch.arange(n) != 0
+    assert term(s_default, first_unlabelled) == pytest.approx(math.log(1.5), rel=1e-4)
+    assert term(s_gained, first_unlabelled) == pytest.approx((n - 1 + 4.0) / n * math.log(1.5), rel=1e-4)
