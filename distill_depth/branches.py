@@ -148,7 +148,9 @@ class _Branch(nn.Module):
             student_confidence=prediction.canonical_confidence if relative else None,
             image_weight=image_weight,
         )
-        weight = distill_ramp(step, self.cfg.train.max_steps, self.cfg.loss.lambda_distill, self.cfg.loss.distill_warmup)
+        loss_cfg = self.cfg.loss
+        weight = distill_ramp(step, self.cfg.train.max_steps, loss_cfg.lambda_distill, loss_cfg.distill_warmup,
+                              loss_cfg.distill_start)
         return term, weight
 
     def _distill_region(self, batch: Batch, inside: bool) -> Tensor | None:

@@ -119,6 +119,10 @@ class LossConfig:
     """λ_d, final weight of each distillation term."""
     distill_warmup: float = 0.1
     """Ramp of λ_d from 0: a fraction of ``train.max_steps`` if < 1, else a number of steps."""
+    distill_start: float = 0.0
+    """Step from which distillation is on (before it, both λ_d are 0; the ramp of ``distill_warmup``
+    starts here): a fraction of ``train.max_steps`` if < 1, else a number of steps. A partner's
+    early predictions are noise; 0 = METHOD.md."""
     distill_direction: Literal["both", "s_from_u", "u_from_s", "none"] = "both"
     """Which distillation terms are active (ablations: one way only, none)."""
     scale_align: Literal["auto", "on", "off"] = "auto"

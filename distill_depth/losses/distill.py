@@ -8,16 +8,19 @@ from torch import Tensor
 from distill_depth.losses.common import finite, fp32, masked_mean, sanitize
 
 
-def distill_ramp(step: int, max_steps: int, lambda_d: float, warmup: float) -> float:
-    """Weight of a distillation term at ``step``: λ_d · min(1, step / W), linear from 0.
+def distill_ramp(step: int, max_steps: int, lambda_d: float, warmup: float, start: float = 0.0) -> float:
+    """Weight of a distillation term at ``step``: λ_d · clamp((step − S) / W, 0, 1).
 
-    W = ``warmup`` · ``max_steps`` when ``warmup`` < 1 (a fraction), else ``warmup`` steps;
-    W = 0 gives λ_d from the first step.
+    S = ``start`` and W = ``warmup`` are each a fraction of ``max_steps`` when < 1, else a number of
+    steps: 0 until step S, then linear up to λ_d at step S + W; W = 0 gives λ_d from step S on.
     """
+    start_step = start * max_steps if start < 1 else start
     warmup_steps = warmup * max_steps if warmup < 1 else warmup
+    if step < start_step:
+        return 0.0
     if warmup_steps <= 0:
         return float(lambda_d)
-    return float(lambda_d) * min(1.0, max(0.0, step / warmup_steps))
+    return float(lambda_d) * min(1.0, (step - start_step) / warmup_steps)
 
 
 def aligns_u_scale(scale_align: str, use_stereo: bool) -> bool:

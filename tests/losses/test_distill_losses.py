@@ -118,6 +118,12 @@ def test_ramp_values() -> None:
     assert distill_ramp(10, 1000, 1.0, 40) == pytest.approx(0.25)
     # no warm-up: full weight at once
     assert distill_ramp(0, 1000, 0.5, 0.0) == 0.5
+    # a late start: 0 before it, then the same ramp shifted
+    assert distill_ramp(499, 1000, 0.5, 0.1, start=0.5) == 0.0
+    assert distill_ramp(550, 1000, 0.5, 0.1, start=0.5) == pytest.approx(0.25)
+    assert distill_ramp(600, 1000, 0.5, 0.1, start=0.5) == pytest.approx(0.5)
+    assert distill_ramp(29, 1000, 0.5, 0.0, start=30) == 0.0
+    assert distill_ramp(30, 1000, 0.5, 0.0, start=30) == 0.5
 
 
 @pytest.mark.parametrize(
