@@ -153,6 +153,16 @@ class _Branch(nn.Module):
                               loss_cfg.distill_start)
         return term, weight
 
+    def _image_weight(self, batch: Batch, trust: Tensor | None = None) -> Tensor | None:
+        """(B,) factor on this branch's distillation term per image: ``trust`` (S's partner trust)
+        times ``loss.unlabelled_gain_<direction>`` on unlabelled samples; None when both are neutral."""
+        gain = getattr(self.cfg.loss, f"unlabelled_gain_{self.distill_direction}")
+        if gain == 1.0 or batch.labelled is None:
+            return trust
+        labelled = batch.labelled.to(batch.image.device)
+        per_image = torch.where(labelled, 1.0, gain).float()
+        return per_image if trust is None else trust * per_image.to(trust.device)
+
     def _distill_region(self, batch: Batch, inside: bool) -> Tensor | None:
         """``loss.distill_regions: by_coverage``: (B, 1, H, W) bool, the pixels inside (U's term)
         or outside (S's term) the LiDAR's reach of labelled images, every pixel of the others."""
@@ -211,15 +221,6 @@ class SupervisedBranch(_Branch):
             fill = self.partner_trust
         return torch.where(has_lidar, trust, fill.to(trust.dtype))
 
-    def _image_weight(self, labelled: Tensor, trust: Tensor | None) -> Tensor | None:
-        """(B,) factor on L_s<-u per image: the partner trust times ``loss.unlabelled_distill_gain`` on
-        unlabelled samples; None when both are neutral."""
-        gain = self.cfg.loss.unlabelled_distill_gain
-        if gain == 1.0:
-            return trust
-        per_image = torch.where(labelled, 1.0, gain).float()
-        return per_image if trust is None else trust * per_image
-
     def forward(self, batch: Batch) -> Prediction:
         """Augment (train mode only), predict per scale, map full resolution back to the canonical frame."""
         return self._predict_depth(self.augmenter(batch), batch)
@@ -267,7 +268,7 @@ class SupervisedBranch(_Branch):
             align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
             trust = self._partner_trust(batch, prediction, partner, align)
             distill_term, weight = self._distill_term(
-                prediction, partner, step, align, self._image_weight(labelled, trust),
+                prediction, partner, step, align, self._image_weight(batch, trust),
                 region=self._distill_region(batch, inside=False),
             )
             total = sup + loss_cfg.lambda_pf * pf + weight * distill_term
@@ -382,7 +383,8 @@ class SelfSupervisedBranch(_Branch):
             photo = torch.stack(photo_terms).mean()
             smooth = torch.stack(smooth_terms).mean()
             distill_term, weight = self._distill_term(
-                prediction, partner, step, scale_align=False, region=self._distill_region(batch, inside=True)
+                prediction, partner, step, scale_align=False, image_weight=self._image_weight(batch),
+                region=self._distill_region(batch, inside=True),
             )
             total = photo + loss_cfg.lambda_smooth * smooth + weight * distill_term
             translations = [T[:, :3, 3].norm(dim=1).mean() for n, T in poses.items() if n != "stereo"]

@@ -148,11 +148,15 @@ class LossConfig:
     ``by_coverage``: S learns from U only outside its LiDAR's reach (above the top return of each
     column, columns without returns) and U from S only inside it (where S's depth is supervised);
     images without LiDAR (unlabelled) keep every pixel both ways. The labels decide who teaches."""
-    unlabelled_distill_gain: float = 1.0
+    unlabelled_gain_s_from_u: float = 1.0
     """Factor on S's L_s<-u on samples outside the labelled subset (``data.labelled_fraction``, or
     shards' unlabelled frames). There L_s<-u is S's only depth signal, and at the defaults its
-    per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u), so S learns little from
-    U on exactly the images it has nothing else for. 1 = METHOD.md; images with LiDAR are unaffected."""
+    per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u). 1 = METHOD.md;
+    labelled samples are unaffected."""
+    unlabelled_gain_u_from_s: float = 1.0
+    """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
+    extrapolation, itself taught by U: 0 lets S teach U only on images where S had LiDAR, which
+    cuts the loop in which each branch learns back its own errors. 1 = METHOD.md."""
     distill_gate: Literal["teacher", "relative"] = "teacher"
     """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
     ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),

@@ -504,29 +504,38 @@ def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> N
 
 
 
-def test_unlabelled_distill_gain_scales_s_from_u_on_unlabelled_samples_only(batch: Batch) -> None:
-    """unlabelled_distill_gain=g: with a partner 1.5x off everywhere (confidence 1), L_s<-u is log 1.5
-    on an all-labelled batch with or without the gain, and (n - 1 + g)/n · log 1.5 when one of n
-    samples is unlabelled."""
-    torch.manual_seed(0)
-    cfg, gained = Config(), Config()
-    for c in (cfg, gained):
-        c.loss.scale_align = "off"  # aligned, a factor 1.5 would vanish
-    gained.loss.unlabelled_distill_gain = 4.0
-    s_default, s_gained = build_branch("S", cfg).eval(), build_branch("S", gained).eval()
-    s_gained.load_state_dict(s_default.state_dict())
-    prediction = s_default(batch)
-    assert prediction.canonical_valid.all()  # eval: no augmentation, every pixel compared
-    own = prediction.for_partner()
-    partner = replace(own, depth=prediction.canonical_depth.detach() * 1.5, confidence=torch.ones_like(own.confidence))
+
+def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_only(batch: Batch) -> None:
+    """unlabelled_gain_<direction>=g: with a partner 1.5x off everywhere (confidence 1), a term is
+    log 1.5 on an all-labelled batch with or without the gain, and (n - 1 + g)/n · log 1.5 when
+    one of n samples is unlabelled; S's gain does not reach U's term and vice versa."""
     n = batch.image.shape[0]
+    everyone, first_unlabelled = torch.ones(n, dtype=torch.bool), torch.arange(n) != 0
+    for name, key, other in (("S", "unlabelled_gain_s_from_u", "unlabelled_gain_u_from_s"),
+                             ("U", "unlabelled_gain_u_from_s", "unlabelled_gain_s_from_u")):
+        torch.manual_seed(0)
+        branches = {}
+        for variant, gains in (("default", {}), ("gained", {key: 4.0}), ("cut", {key: 0.0}), ("other", {other: 4.0})):
+            cfg = Config()
+            cfg.loss.scale_align = "off"  # aligned, a factor 1.5 would vanish
+            for k, v in gains.items():
+                setattr(cfg.loss, k, v)
+            branches[variant] = build_branch(name, cfg).eval()
+            branches[variant].load_state_dict(branches["default"].state_dict())
+        prediction = branches["default"](batch)
+        assert prediction.canonical_valid.all()  # eval: no augmentation, every pixel compared
+        own = prediction.for_partner()
+        partner = replace(own, depth=prediction.canonical_depth.detach() * 1.5,
+                          confidence=torch.ones_like(own.confidence))
 
-    def term(branch, labelled: torch.Tensor) -> float:
-        return branch.loss(replace(batch, labelled=labelled), prediction, partner, 10_000)[1]["distill"].item()
+        def term(variant: str, labelled: torch.Tensor) -> float:
+            loss = branches[variant].loss(replace(batch, labelled=labelled), prediction, partner, 10_000)
+            return loss[1]["distill"].item()
 
-    everyone = torch.ones(n, dtype=torch.bool)
-    assert term(s_default, everyone) == pytest.approx(math.log(1.5), rel=1e-4)
-    assert term(s_gained, everyone) == pytest.approx(math.log(1.5), rel=1e-4)
-    first_unlabelled = torch.arange(n) != 0
-    assert term(s_default, first_unlabelled) == pytest.approx(math.log(1.5), rel=1e-4)
-    assert term(s_gained, first_unlabelled) == pytest.approx((n - 1 + 4.0) / n * math.log(1.5), rel=1e-4)
+        log15 = math.log(1.5)
+        for variant in branches:
+            assert term(variant, everyone) == pytest.approx(log15, rel=1e-4), (name, variant)
+        assert term("default", first_unlabelled) == pytest.approx(log15, rel=1e-4)
+        assert term("other", first_unlabelled) == pytest.approx(log15, rel=1e-4)
+        assert term("gained", first_unlabelled) == pytest.approx((n - 1 + 4.0) / n * log15, rel=1e-4)
+        assert term("cut", first_unlabelled) == pytest.approx((n - 1) / n * log15, rel=1e-4)
