@@ -153,6 +153,18 @@ class _Branch(nn.Module):
                               loss_cfg.distill_start)
         return term, weight
 
+    def _diagnostic_partner(self, batch: Batch, partner: PartnerPrediction | None) -> PartnerPrediction | None:
+        """``loss.diagnostic_teacher: ground_truth``: the partner's depth becomes the dense ground truth."""
+        if self.cfg.loss.diagnostic_teacher == "none" or partner is None:
+            return partner
+        if batch.gt_depth is None:
+            raise BranchError("loss.diagnostic_teacher=ground_truth needs dense ground truth (gt.png) in the training shards")
+        gt = batch.gt_depth.float().to(partner.depth.device)
+        if gt.shape[-2:] != partner.depth.shape[-2:]:
+            gt = F.interpolate(gt, size=partner.depth.shape[-2:], mode="nearest")
+        defined = gt > 0
+        return PartnerPrediction(gt, defined.float(), partner.valid & defined, partner.keys)
+
     def _image_weight(self, batch: Batch, trust: Tensor | None = None) -> Tensor | None:
         """(B,) factor on this branch's distillation term per image: ``trust`` (S's partner trust)
         times ``loss.unlabelled_gain_<direction>`` on unlabelled samples; None when both are neutral."""
@@ -242,6 +254,7 @@ class SupervisedBranch(_Branch):
         full-resolution only, in the canonical frame.
         """
         view: AugmentedView = prediction.extras["view"]
+        partner = self._diagnostic_partner(batch, partner)
         device_type = view.sparse_depth.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             loss_cfg = self.cfg.loss
@@ -345,6 +358,7 @@ class SelfSupervisedBranch(_Branch):
         full-resolution canonical frame, no scale alignment (U learns S's metric scale).
         """
         view: AugmentedView = prediction.extras["view"]
+        partner = self._diagnostic_partner(batch, partner)
         poses: dict[str, Tensor] = prediction.extras["poses"]
         if view.K is None:
             raise BranchError(

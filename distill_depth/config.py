@@ -157,6 +157,11 @@ class LossConfig:
     """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
     extrapolation, itself taught by U: 0 lets S teach U only on images where S had LiDAR, which
     cuts the loop in which each branch learns back its own errors. 1 = METHOD.md."""
+    diagnostic_teacher: Literal["none", "ground_truth"] = "none"
+    """A diagnostic, never for real training: ``ground_truth`` replaces the partner's depth by the
+    batch's dense ground truth (``gt.png``, synthetic training shards), confidence 1 where it is
+    defined, in every distillation term. It tests a distillation path with a perfect teacher: a
+    student that gets worse from it has a bug in the path, not a bad partner."""
     distill_gate: Literal["teacher", "relative"] = "teacher"
     """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
     ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),

@@ -539,3 +539,22 @@ def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_onl
         assert term("other", first_unlabelled) == pytest.approx(log15, rel=1e-4)
         assert term("gained", first_unlabelled) == pytest.approx((n - 1 + 4.0) / n * log15, rel=1e-4)
         assert term("cut", first_unlabelled) == pytest.approx((n - 1) / n * log15, rel=1e-4)
+
+
+def test_diagnostic_teacher_ground_truth_replaces_the_partner(batch: Batch) -> None:
+    """diagnostic_teacher=ground_truth: each branch's distillation term is the mean log error to the
+    dense ground truth, whatever the partner sent; without ground truth it is an error."""
+    cfg = Config()
+    cfg.loss.diagnostic_teacher = "ground_truth"
+    cfg.loss.scale_align = "off"
+    for name in ("S", "U"):
+        torch.manual_seed(0)
+        branch = build_branch(name, cfg).eval()
+        prediction = branch(batch)
+        nonsense = replace(prediction.for_partner(), depth=torch.full_like(prediction.canonical_depth, 3.0))
+        gt = batch.gt_depth
+        defined = gt > 0
+        expected = (prediction.canonical_depth.log() - gt.clamp(min=1e-6).log()).abs()[defined].mean().item()
+        assert branch.loss(batch, prediction, nonsense, 10_000)[1]["distill"].item() == pytest.approx(expected, rel=1e-4)
+        with pytest.raises(BranchError, match="gt.png"):
+            branch.loss(replace(batch, gt_depth=None), prediction, nonsense, 10_000)
