@@ -10,10 +10,10 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("distill_depth.data.synth", "write synthetic drives in KITTI raw layout"),
-    "make-shards": ("distill_depth.data.shards", "turn a KITTI raw tree into WebDataset shards"),
+    "synth": ("distill_depth.data.synth", "write synthetic drives in KITTI raw layout (or Cityscapes snippets)"),
+    "make-shards": ("distill_depth.data.shards", "turn a KITTI raw or Cityscapes tree into WebDataset shards"),
     "train": ("distill_depth.train.cli", "train both branches (same as `accelerate launch train.py`)"),
-    "evaluate": ("distill_depth.evaluate", "evaluate a checkpoint on shards (KITTI protocols)"),
+    "evaluate": ("distill_depth.evaluate", "evaluate a checkpoint on shards (KITTI and Cityscapes protocols)"),
     "predict": ("distill_depth.predict", "depth + confidence for your own images"),
 }
 

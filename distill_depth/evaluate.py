@@ -34,7 +34,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, help="shard folder with manifest.json, brace pattern, or one .tar")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="eigen",
                         help="eigen: raw LiDAR depth.png, Garg crop; eigen_benchmark: gt.png, no crop; "
-                             "dense: synthetic exact gt.png. All: 1e-3..80 m (default: eigen)")
+                             "dense: synthetic exact gt.png; cityscapes: gt.png from disparity, ManyDepth's centre crop. "
+                             "All: 1e-3..80 m (default: eigen)")
     parser.add_argument("--branch", choices=BRANCH_CHOICES, default="auto",
                         help="S, U, both, fused (= S, U and their confidence-weighted fusion), or auto "
                              "(every branch the checkpoint trained; default)")
@@ -162,7 +163,9 @@ def print_report(report: dict[str, Any], per_image: bool = False, file: Any = No
     applied = ", ".join(f"{name} {'ON' if on else 'off'}" for name, on in scaling["applied"].items())
     print(
         f"protocol {report['protocol']['name']} ({report['protocol']['ground_truth']}, "
-        f"garg_crop={report['protocol']['garg_crop']}, {report['protocol']['min_depth']:g}..{report['protocol']['max_depth']:g} m), "
+        f"garg_crop={report['protocol']['garg_crop']}, "
+        + (f"centre crop {report['protocol']['centre_crop']}, " if "centre_crop" in report["protocol"] else "")
+        + f"{report['protocol']['min_depth']:g}..{report['protocol']['max_depth']:g} m), "
         f"{report['num_images']} images, median scaling {applied} ({scaling['mode']}), "
         f"flip TTA {'on' if report['flip_tta'] else 'off'}",
         file=file,

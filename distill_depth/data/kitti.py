@@ -294,19 +294,24 @@ def read_image(path: str | Path) -> Image.Image:
         raise KittiDataError(f"{path}: corrupt image ({error})") from None
 
 
-def read_depth_png(path: str | Path) -> np.ndarray:
-    """``(H, W)`` float32 metres from a uint16 metres×256 PNG (0 = no value)."""
+def read_png16(path: str | Path, what: str = "depth PNG") -> np.ndarray:
+    """The raw ``(H, W)`` integer array of a 16-bit single-channel PNG; errors name the file and ``what``."""
     path = Path(path)
     try:
         with Image.open(path) as image:
             array = np.asarray(image)
     except FileNotFoundError:
-        raise KittiDataError(f"{path}: depth PNG not found") from None
+        raise KittiDataError(f"{path}: {what} not found") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise KittiDataError(f"{path}: corrupt depth PNG ({error})") from None
+        raise KittiDataError(f"{path}: corrupt {what} ({error})") from None
     if array.ndim != 2 or array.dtype not in (np.uint16, np.int32, np.uint8):
         raise KittiDataError(f"{path}: expected a 16-bit single-channel PNG, got {array.dtype} {array.shape}")
-    return array.astype(np.float32) / DEPTH_PNG_SCALE
+    return array
+
+
+def read_depth_png(path: str | Path) -> np.ndarray:
+    """``(H, W)`` float32 metres from a uint16 metres×256 PNG (0 = no value)."""
+    return read_png16(path).astype(np.float32) / DEPTH_PNG_SCALE
 
 
 def encode_depth(depth: np.ndarray) -> np.ndarray:

@@ -55,6 +55,13 @@ class FrameJob:
     missing: tuple[str, ...] = ()  # neighbours replaced by the target (--keep-edge-frames only)
     labelled: bool = True  # False: no velodyne scan, written without depth.png (--keep-unlabelled only)
 
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+    def encode(self, options: ShardOptions) -> dict[str, bytes]:
+        return encode_sample(self, options)
+
 
 # ---------------------------------------------------------------------------------------------
 # choosing frames
@@ -246,10 +253,10 @@ def write_shard(task: tuple[int, list[FrameJob], ShardOptions]) -> dict:
     temporary = final.with_name(final.name + ".tmp")
     with open(temporary, "wb") as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for job in jobs:
-                sample = encode_sample(job, options)
+            for job in jobs:  # a FrameJob here, or any job with .key and .encode (cityscapes_shards)
+                sample = job.encode(options)
                 for suffix in sorted(sample):
-                    _add(tar, f"{job.entry.key}.{suffix}", sample[suffix])
+                    _add(tar, f"{job.key}.{suffix}", sample[suffix])
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, final)
@@ -276,13 +283,60 @@ def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options
                 where: dict[SplitEntry, str] | None = None, progress: bool = True,
                 keep_edge_frames: bool = False, keep_unlabelled: bool = False) -> dict:
     """Write the shards and the manifest; returns the manifest."""
-    from tqdm import tqdm
-
     if (out_dir / "manifest.json").exists():
         raise KittiDataError(f"{out_dir / 'manifest.json'}: output folder already holds shards; choose another --out")
     jobs, skipped = plan_frames(root, entries, options.stereo, where, keep_edge_frames, keep_unlabelled)
     if not jobs:
         raise KittiDataError(f"{root}: no frame can be written (skipped: {dict(skipped) or 'none'})")
+    records = write_jobs(out_dir, jobs, options, samples_per_shard=samples_per_shard, workers=workers,
+                         progress=progress)
+    entries = (["rgb.jpg", "prev.jpg", "next.jpg"] + (["stereo.jpg"] if options.stereo else [])
+               + ["depth.png (labelled samples)", "gt.png (when the source has proj_depth/groundtruth)",
+                  "regions.png (uint8 region bitmask, distill_depth.data.regions, when the source has "
+                  "proj_depth/regions)", "json"])
+    manifest = manifest_for(jobs, records, options, entries=entries, split_info=split_info, skipped=skipped,
+                            skip_reasons=SKIP_REASONS, resolution=list(options.out_hw) if options.out_hw else "native",
+                            source={"kitti_root": str(root.resolve()), "tool": "distill-depth make-shards"})
+    _write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def manifest_for(jobs: list, records: list[dict], options: ShardOptions, *, entries: list[str], split_info: dict,
+                 skipped: Counter, skip_reasons: dict[str, str], resolution, source: dict, extra: dict | None = None) -> dict:
+    """``manifest.json`` of written jobs (any dataset; ``extra`` keys go right after the format)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **(extra or {}),
+        "num_samples": len(jobs),
+        "resolution": resolution,
+        "stereo": options.stereo,
+        "jpeg_quality": options.jpeg_quality,
+        "entries": entries,
+        "split": split_info,
+        "source": source,
+        "skipped": {reason: skipped.get(reason, 0) for reason in skip_reasons},
+        "kept_without_neighbours": sum(1 for job in jobs if job.missing),
+        "unlabelled": sum(1 for job in jobs if not job.labelled),
+        "shards": records,
+    }
+
+
+def print_summary(manifest: dict, out: str, skip_reasons: dict[str, str], unlabelled_because: str) -> None:
+    skipped = manifest["skipped"]
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {out}"
+          + (f" ({manifest['kept_without_neighbours']} without a temporal neighbour, kept)"
+             if manifest["kept_without_neighbours"] else "")
+          + (f" ({manifest['unlabelled']} unlabelled: {unlabelled_because})" if manifest["unlabelled"] else ""))
+    print(f"skipped {sum(skipped.values())} frames: "
+          + ", ".join(f"{n} {reason} ({skip_reasons[reason]})" for reason, n in skipped.items()))
+
+
+def write_jobs(out_dir: Path, jobs: list, options: ShardOptions, *, samples_per_shard: int, workers: int,
+               progress: bool) -> list[dict]:
+    """Write ``jobs`` (each with ``.key`` and ``.encode(options)``) into shards; their records, sorted."""
+    from tqdm import tqdm
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(i, jobs[start:start + samples_per_shard], options)
              for i, start in enumerate(range(0, len(jobs), samples_per_shard))]
@@ -314,26 +368,7 @@ def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options
     finally:
         bar.close()
     records.sort(key=lambda r: r["name"])
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "num_samples": len(jobs),
-        "resolution": list(options.out_hw) if options.out_hw else "native",
-        "stereo": options.stereo,
-        "jpeg_quality": options.jpeg_quality,
-        "entries": ["rgb.jpg", "prev.jpg", "next.jpg"] + (["stereo.jpg"] if options.stereo else [])
-        + ["depth.png (labelled samples)", "gt.png (when the source has proj_depth/groundtruth)",
-           "regions.png (uint8 region bitmask, distill_depth.data.regions, when the source has proj_depth/regions)",
-           "json"],
-        "split": split_info,
-        "source": {"kitti_root": str(root.resolve()), "tool": "distill-depth make-shards"},
-        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
-        "kept_without_neighbours": sum(1 for job in jobs if job.missing),
-        "unlabelled": sum(1 for job in jobs if not job.labelled),
-        "shards": records,
-    }
-    _write_json_atomic(out_dir / "manifest.json", manifest)
-    return manifest
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,15 +376,22 @@ def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kitti-root", required=True, help="folder holding DATE/calib_*.txt and DATE/DRIVE/")
+    parser.add_argument("--dataset", choices=("kitti", "cityscapes"), default="kitti",
+                        help="source layout: KITTI raw (default) or official Cityscapes (docs/data.md)")
+    parser.add_argument("--kitti-root", help="KITTI: folder holding DATE/calib_*.txt and DATE/DRIVE/")
+    parser.add_argument("--root", help="dataset root (same as --kitti-root for KITTI; for Cityscapes the folder "
+                                       "holding leftImg8bit_sequence/, camera/, disparity/)")
     parser.add_argument("--out", required=True, help="output folder (must not hold a manifest.json yet)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--split", help="split file, lines 'DATE/DRIVE FRAME l|r' (monodepth2 format)")
+    which.add_argument("--split", help="KITTI: split file, lines 'DATE/DRIVE FRAME l|r' (monodepth2 format); "
+                                       "Cityscapes: train | val | test (every frame of that folder) or a file of "
+                                       "lines 'CITY CITY_SEQ_FRAME' (ManyDepth format)")
     which.add_argument("--drives", help="glob of drive folders relative to --kitti-root (default: */*_sync)")
     parser.add_argument("--sides", default="l", choices=["l", "r", "lr"], help="cameras for --drives (default l)")
-    parser.add_argument("--height", type=int, help="stored height (default: native, no resize)")
-    parser.add_argument("--width", type=int, help="stored width (default: native, no resize)")
-    parser.add_argument("--stereo", action="store_true", help="add stereo.jpg and stereo_T (needs image_03)")
+    parser.add_argument("--height", type=int, help="stored height (default: native, no resize; Cityscapes 192)")
+    parser.add_argument("--width", type=int, help="stored width (default: native, no resize; Cityscapes 512)")
+    parser.add_argument("--stereo", action="store_true",
+                        help="add stereo.jpg and stereo_T (needs image_03, or Cityscapes' rightImg8bit_sequence)")
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2))
     parser.add_argument("--jpeg-quality", type=int, default=95)
@@ -357,13 +399,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="evaluation splits: keep frames lacking t-1/t+1 (the target stands in for the "
                              "missing neighbour, json 'missing_neighbours' says which); never for training")
     parser.add_argument("--keep-unlabelled", action="store_true",
-                        help="semi-supervised training: frames without a velodyne scan become samples without "
-                             "depth.png (json 'labelled': false, counted in the manifest's 'unlabelled')")
+                        help="semi-supervised training: frames without a velodyne scan (Cityscapes: without a "
+                             "disparity map) become samples without depth.png (json 'labelled': false, counted "
+                             "in the manifest's 'unlabelled')")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from distill_depth.data import cityscapes_shards
+
+    cityscapes_shards.configure_parser(parser.add_argument_group("Cityscapes only"))
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Path(args.kitti_root)
+    if args.dataset == "cityscapes":
+        from distill_depth.data import cityscapes_shards
+
+        return cityscapes_shards.run(args)
+    if args.frame_offset is not None or args.gt_full_res:
+        print("error: --frame-offset and --gt-full-res are for --dataset cityscapes", file=sys.stderr)
+        return 2
+    if (args.kitti_root is None) == (args.root is None):
+        print("error: give the KITTI root as --kitti-root (or --root), once", file=sys.stderr)
+        return 2
+    root = Path(args.kitti_root or args.root)
     if (args.height is None) != (args.width is None):
         print("error: give both --height and --width, or neither (native resolution)", file=sys.stderr)
         return 2
@@ -392,11 +448,5 @@ def run(args: argparse.Namespace) -> int:
     except KittiDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    skipped = manifest["skipped"]
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}"
-          + (f" ({manifest['kept_without_neighbours']} without a temporal neighbour, kept)"
-             if manifest["kept_without_neighbours"] else "")
-          + (f" ({manifest['unlabelled']} unlabelled: no LiDAR scan)" if manifest["unlabelled"] else ""))
-    print(f"skipped {sum(skipped.values())} frames: "
-          + ", ".join(f"{n} {reason} ({SKIP_REASONS[reason]})" for reason, n in skipped.items()))
+    print_summary(manifest, args.out, SKIP_REASONS, "no LiDAR scan")
     return 0

@@ -137,7 +137,8 @@ def collate(samples: list[dict]) -> dict:
     out["labelled"] = torch.tensor(["depth.png" in s for s in samples])
     out["sparse_depth"] = torch.stack([s.get("depth.png", no_depth) for s in samples])
     if any("gt.png" in s for s in samples):
-        zeros = torch.zeros_like(out["sparse_depth"][0])
+        # gt.png may be larger than the images (Cityscapes --gt-full-res): a missing one is zeros of its size
+        zeros = torch.zeros_like(next(s["gt.png"] for s in samples if "gt.png" in s))
         out["gt_depth"] = torch.stack([s.get("gt.png", zeros) for s in samples])
     if any("regions.png" in s for s in samples):  # a sample without labels is in no region
         blank = torch.zeros(out["sparse_depth"].shape[1:], dtype=torch.uint8)

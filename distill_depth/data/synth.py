@@ -43,6 +43,7 @@ from PIL import Image
 from distill_depth.data.kitti import encode_depth
 from distill_depth.data.synth_calib import Rig, SynthError, write_calibration
 from distill_depth.data.synth_scene import build_scene, trajectory
+from distill_depth.data import synth_cityscapes
 from distill_depth.data import synth_failures as failures
 from distill_depth.data.synth_failures import FailureModes
 from distill_depth.data.synth_regions import region_labels
@@ -224,12 +225,18 @@ def generate(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", choices=("kitti", "cityscapes"), default="kitti",
+                        help="kitti: KITTI raw drives (default); cityscapes: snippets in the official Cityscapes "
+                             "layout (synth_cityscapes; --split, --cities, --sequences)")
     parser.add_argument("--out", required=True, help="output root (a KITTI raw tree: OUT/DATE/DATE_drive_XXXX_sync)")
     parser.add_argument("--drives", type=int, default=2, help="number of drives (default 2)")
-    parser.add_argument("--frames", type=int, default=100, help="frames per drive at 10 Hz (default 100)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per drive at 10 Hz (default 100); cityscapes: per snippet (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed; also picks the date folder 2000_01_01 + seed days")
-    parser.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help=f"image height (default {DEFAULT_HEIGHT})")
-    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"image width (default {DEFAULT_WIDTH})")
+    parser.add_argument("--height", type=int, default=None,
+                        help=f"image height (default {DEFAULT_HEIGHT}; cityscapes {synth_cityscapes.DEFAULT_HEIGHT})")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"image width (default {DEFAULT_WIDTH}; cityscapes {synth_cityscapes.DEFAULT_WIDTH})")
     parser.add_argument("--azimuth-steps", type=int, default=DEFAULT_AZIMUTH_STEPS,
                         help=f"LiDAR firings per revolution (default {DEFAULT_AZIMUTH_STEPS})")
     parser.add_argument("--beams", type=int, default=DEFAULT_BEAMS,
@@ -248,10 +255,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--date", default=None, help="date folder name (default from --seed)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one drive each (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace drives that already exist")
+    cityscapes = parser.add_argument_group("--layout cityscapes")
+    cityscapes.add_argument("--split", default="train", help="train | val | test (default train)")
+    cityscapes.add_argument("--cities", type=int, default=1, help="cities synth0, synth1, ... (default 1)")
+    cityscapes.add_argument("--sequences", type=int, default=2, help="snippets per city (default 2)")
+
+
+def _run_cityscapes(args: argparse.Namespace) -> int:
+    height = synth_cityscapes.DEFAULT_HEIGHT if args.height is None else args.height
+    width = synth_cityscapes.DEFAULT_WIDTH if args.width is None else args.width
+    try:
+        frames = synth_cityscapes.generate(args.out, args.split, args.cities, args.sequences, args.frames or 30,
+                                           args.seed, height, width, overwrite=args.overwrite)
+    except SynthError as error:
+        print(f"distill-depth synth: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"distill-depth synth: error: cannot write under {args.out}: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(frames)} frames ({args.cities} cities × {args.sequences} snippets, {width}x{height}) "
+          f"in the Cityscapes layout to {args.out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.layout == "cityscapes":
+        return _run_cityscapes(args)
+    args.frames = 100 if args.frames is None else args.frames
+    args.height = DEFAULT_HEIGHT if args.height is None else args.height
+    args.width = DEFAULT_WIDTH if args.width is None else args.width
     start = time.perf_counter()
     try:
         drive_dirs = generate(

@@ -5,6 +5,14 @@
 | `eigen`           | raw projected LiDAR (`depth.png`)   | Garg      | 1e-3 .. 80 m |
 | `eigen_benchmark` | improved ground truth (`gt.png`)    | none      | 1e-3 .. 80 m |
 | `dense`           | synthetic exact depth (`gt.png`)    | none      | 1e-3 .. 80 m |
+| `cityscapes`      | depth from disparity (`gt.png`)     | centre    | 1e-3 .. 80 m |
+
+The `cityscapes` centre crop is ManyDepth's: rows 256..768 and columns 192..1856 of the
+full-resolution frame (2048×1024). The shards' frames have already lost their bottom quarter
+(rows 768..1024, the ego car), which leaves row numbers unchanged, so on the 768×2048 ground
+truth (``make-shards --gt-full-res``) it is rows 256..768 = the bottom two thirds, columns
+192..1856; at any other ground-truth size the same fractions (rows ⌊H/3⌋..H, columns
+⌊192·W/2048⌋..⌊1856·W/2048⌋).
 
 Order of operations per image (as in the reference KITTI evaluation): resize the prediction to
 the ground truth's size (bilinear on depth) → median scaling if on (ratio over the evaluated
@@ -34,24 +42,43 @@ class Protocol:
     ground_truth: Literal["sparse_depth", "gt_depth"]
     """Batch field holding the ground truth: ``sparse_depth`` (``depth.png``) or ``gt_depth`` (``gt.png``)."""
     garg_crop: bool
+    centre_crop: bool = False
+    """Cityscapes' centre crop (ManyDepth), see :func:`cityscapes_crop_mask`."""
     min_depth: float = MIN_EVAL_DEPTH
     max_depth: float = MAX_EVAL_DEPTH
 
     def describe(self) -> dict:
-        return {
+        described = {
             "name": self.name,
             "ground_truth": {"sparse_depth": "depth.png", "gt_depth": "gt.png"}[self.ground_truth],
             "garg_crop": self.garg_crop,
             "min_depth": self.min_depth,
             "max_depth": self.max_depth,
         }
+        if self.centre_crop:
+            described["centre_crop"] = CITYSCAPES_CROP_TEXT
+        return described
 
 
 PROTOCOLS: dict[str, Protocol] = {
     "eigen": Protocol("eigen", ground_truth="sparse_depth", garg_crop=True),
     "eigen_benchmark": Protocol("eigen_benchmark", ground_truth="gt_depth", garg_crop=False),
     "dense": Protocol("dense", ground_truth="gt_depth", garg_crop=False),
+    "cityscapes": Protocol("cityscapes", ground_truth="gt_depth", garg_crop=False, centre_crop=True),
 }
+CITYSCAPES_FULL_HW = (768, 2048)
+"""Cityscapes frame after the ego-car crop (1024×2048 less its bottom quarter)."""
+CITYSCAPES_CROP = (256, 768, 192, 1856)
+"""Rows and columns (top, bottom, left, right; end exclusive) evaluated at ``CITYSCAPES_FULL_HW``."""
+CITYSCAPES_CROP_TEXT = "rows 256..768, cols 192..1856 of the 768x2048 cropped frame (scaled to the gt size)"
+
+
+def cityscapes_crop_mask(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """``(H, W)`` bool, True inside ManyDepth's Cityscapes crop scaled to a ``H × W`` ground truth."""
+    (full_h, full_w), (top, bottom, left, right) = CITYSCAPES_FULL_HW, CITYSCAPES_CROP
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    mask[top * height // full_h : bottom * height // full_h, left * width // full_w : right * width // full_w] = True
+    return mask
 
 
 def get_protocol(name: str) -> Protocol:
@@ -73,10 +100,12 @@ def ground_truth(batch: Batch, protocol: Protocol) -> Tensor:
 
 
 def evaluation_mask(gt: Tensor, protocol: Protocol) -> Tensor:
-    """``(B, 1, H, W)`` bool: ground truth inside the depth range (and the Garg crop for eigen)."""
+    """``(B, 1, H, W)`` bool: ground truth inside the depth range (and the Garg / Cityscapes crop)."""
     mask = range_mask(gt, protocol.min_depth, protocol.max_depth)
     if protocol.garg_crop:
         mask = mask & garg_crop_mask(gt.shape[-2], gt.shape[-1], device=gt.device)
+    if protocol.centre_crop:
+        mask = mask & cityscapes_crop_mask(gt.shape[-2], gt.shape[-1], device=gt.device)
     return mask
 
 
