@@ -330,6 +330,7 @@ class Trainer:
         barrier()
         if self.is_main:
             write_export_meta(self.out, self.cfg, self.step)
+            self.tracker.log_export(self.out / "export", self.step)
             log.info("training done at step %d; export in %s", self.step, self.out / "export")
         if self.dump_dir:
             weights = {n: {k: v.detach().cpu() for k, v in b.model.state_dict().items()} for n, b in self.branches.items()}

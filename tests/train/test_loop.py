@@ -61,3 +61,20 @@ def test_losses_fall_on_a_fixed_batch(colocated_run: tuple[Run, list[int]]) -> N
         series = [m[f"{name}/loss"] for m in metrics if f"{name}/loss" in m]
         assert len(series) == STEPS and all(math.isfinite(v) for v in series)
         assert sum(series[-3:]) / 3 < sum(series[:3]) / 3, f"{name}: {series}"
+
+
+def test_the_final_export_is_a_wandb_model_artifact(colocated_run: tuple[Run, list[int]]) -> None:
+    """train.report_to=wandb: the offline run records a model artifact whose entries are the export's
+    files, each with the MD5 of the file on disk (the digest W&B checks on upload)."""
+    import base64
+    import hashlib
+
+    run, codes = colocated_run
+    assert codes == [0], run.tail()
+    (run_file,) = (run.out / "wandb").glob("offline-run-*/run-*.wandb")
+    content = run_file.read_bytes()
+    run_id = run_file.stem.removeprefix("run-")
+    assert f"export-{run_id}".encode() in content and b"model" in content and b"step-12" in content
+    for name in ("S.safetensors", "U.safetensors", "config.yaml"):
+        digest = base64.b64encode(hashlib.md5((run.out / "export" / name).read_bytes()).digest())
+        assert name.encode() in content and digest in content, name
