@@ -32,6 +32,7 @@ from distill_depth.train.checkpoint import DataPosition, export_branches, load_c
 from distill_depth.train.distributed import agree_to_stop, barrier, gather_objects, make_accelerator, wrap_ddp
 from distill_depth.train.door import RunStopped
 from distill_depth.train.nonfinite import BadSteps, InjectedFault, failure_message, snapshot_buffers
+from distill_depth.train.panels import fixed_panel_batch, log_panels
 from distill_depth.train.rng import BranchStreams, seed_everything
 from distill_depth.train.setup import (
     BRANCH_SEED_OFFSET, append_jsonl, attach_deepspeed, build_branch_states, checked_at_the_door, init_weights,
@@ -99,6 +100,7 @@ class Trainer:
         self.last_predictions: dict[str, Any] = {}
         self.log_start = time.perf_counter()
         self.checkpoint_path: Path | None = None
+        self.panel_batch = fixed_panel_batch(cfg.data.val_shards, self.device) if cfg.train.image_every else None
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -274,7 +276,11 @@ class Trainer:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or stop:
             self._log_scalars()
         if cfg.train.image_every and step % cfg.train.image_every == 0:
-            log_images(self.last_predictions, self.topology, self.tracker, step)
+            if self.panel_batch is not None:
+                log_panels({n: b.model for n, b in self.branches.items()}, self.panel_batch, self.topology,
+                           self.tracker, step, self.autocast, self.is_main)
+            else:  # no val shards: the maps of the last training batch, as the branch saw them
+                log_images(self.last_predictions, self.topology, self.tracker, step)
 
     def _log_scalars(self) -> None:
         elapsed = time.perf_counter() - self.log_start
