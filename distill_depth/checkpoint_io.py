@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,17 @@ def load_branches(path: str | Path, names: tuple[str, ...] = ("S", "U"), device:
         load_weights(model, files[name], torch.device(device))
         models[name] = model.to(device).eval()
     return models, cfg
+
+
+def load_branches_for_command(command: str, path: str | Path, names: tuple[str, ...], device: torch.device
+                              ) -> tuple[dict[str, nn.Module], Config] | tuple[None, None]:
+    """:func:`load_branches` for a ``distill-depth COMMAND``: on a bad path or weights that do not
+    fit this code's networks, one error line on stderr naming the path, and ``(None, None)``."""
+    try:
+        return load_branches(path, names=names, device=device)
+    except (ValueError, OSError) as exc:
+        print(f"distill-depth {command}: error: {exc}", file=sys.stderr)
+    except RuntimeError as exc:  # weights that do not fit the network this code builds
+        print(f"distill-depth {command}: error: {path}: the saved weights do not fit the networks "
+              f"of this version of the code ({first_line(exc)})", file=sys.stderr)
+    return None, None

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("distill_depth.train.cli", "train both branches (same as `accelerate launch train.py`)"),
     "evaluate": ("distill_depth.evaluate", "evaluate a checkpoint on shards (KITTI and Cityscapes protocols)"),
     "predict": ("distill_depth.predict", "depth + confidence for your own images"),
+    "export": ("distill_depth.export", "one trained branch as an ONNX file, checked with onnxruntime"),
 }
 
 

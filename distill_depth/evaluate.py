@@ -56,6 +56,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regions", action="store_true",
                         help="also every metric per region of the shards' regions.png (synthetic trees with "
                              "failure modes): table per output, and 'regions' in --json")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the per-image rows as a W&B Table and the means as the run summary "
+                             "(WANDB_MODE=offline logs without a network)")
+    parser.add_argument("--wandb-project", default="distill-depth", help="W&B project for --wandb")
 
 
 def _outputs(choice: str, trained: tuple[str, ...]) -> tuple[str, ...]:
@@ -194,4 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, report)
         print(f"wrote {args.json}")
+    if getattr(args, "wandb", False):
+        from distill_depth.evaluation.wandb_log import log_report
+
+        print(f"logged the per-image table to W&B ({log_report(report, args.wandb_project)})")
     return 0

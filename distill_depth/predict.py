@@ -166,22 +166,15 @@ def predict_files(models: dict[str, Any], paths: list[Path], options: PredictOpt
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill_depth.checkpoint_io import load_branches
+    from distill_depth.checkpoint_io import load_branches_for_command
 
     if (args.height is None) != (args.width is None):
         print("distill-depth predict: error: give both --height and --width, or neither", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = ("S", "U") if args.branch == "fused" else (args.branch,)
-    try:
-        models, cfg = load_branches(args.checkpoint, names=names, device=device)
-    except (ValueError, OSError) as exc:
-        print(f"distill-depth predict: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # weights that do not fit the network this code builds
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        print(f"distill-depth predict: error: {args.checkpoint}: the saved weights do not fit the networks "
-              f"of this version of the code ({first})", file=sys.stderr)
+    models, cfg = load_branches_for_command("predict", args.checkpoint, names, device)
+    if models is None:
         return 2
     options = PredictOptions(
         branch=args.branch,

@@ -138,6 +138,11 @@ def side_by_side(
         panels.append(colorize_depth(gt_depth))
     if not panels:
         raise ValueError("side_by_side needs at least one of image, depth, confidence, gt_depth")
+    return join_panels(panels, gap=gap)
+
+
+def join_panels(panels: list[np.ndarray], *, gap: int = 2) -> np.ndarray:
+    """``(B, H, W_k, 3)`` uint8 pictures, left to right, ``gap`` white columns between them."""
     shapes = {p.shape[:3] for p in panels}
     if len(shapes) != 1:
         raise ValueError(f"side_by_side: panels differ in (B, H, W): {sorted(shapes)}")

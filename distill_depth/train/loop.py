@@ -6,6 +6,11 @@ partner(s) → each branch's fp32 loss with the partner's prediction → backwar
 gradients inside the branch's group only). Then: optimiser + scheduler step, a world-wide
 all-reduce of the stop flag, logging, validation, checkpoint — each at a step boundary that all
 ranks share.
+
+:class:`Trainer` has the phases as methods (torchtitan's shape): construction builds placement,
+branches, optimisers, streams and tracker; :meth:`Trainer.train_step` is one optimiser step;
+``maybe_log`` / ``maybe_validate`` / ``maybe_checkpoint`` run at the step boundary;
+:meth:`Trainer.close` tears down. :func:`train` is the entry point.
 """
 
 from __future__ import annotations
@@ -14,97 +19,38 @@ import contextlib
 import logging
 import os
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from distill_depth.checkpoint_io import init_branch_weights
-from distill_depth.config import Config, ConfigError, save_config
+from distill_depth.config import Config, save_config
 from distill_depth.topology import Topology, plan_layout
-from distill_depth.train.checkpoint import (
-    BranchState, DataPosition, export_branches, load_checkpoint, save_checkpoint, write_export_meta,
+from distill_depth.train.checkpoint import DataPosition, export_branches, load_checkpoint, save_checkpoint, write_export_meta
+from distill_depth.train.distributed import agree_to_stop, barrier, gather_objects, make_accelerator, wrap_ddp
+from distill_depth.train.door import RunStopped
+from distill_depth.train.nonfinite import BadSteps, InjectedFault, failure_message, snapshot_buffers
+from distill_depth.train.panels import fixed_panel_batch, log_panels
+from distill_depth.train.rng import BranchStreams, seed_everything
+from distill_depth.train.setup import (
+    BRANCH_SEED_OFFSET, append_jsonl, attach_deepspeed, build_branch_states, checked_at_the_door, init_weights,
+    log_images, progress_bar, reduce_scalars, stop_before_first_step,
 )
-from distill_depth.train.distributed import (
-    agree_to_stop, any_rank, barrier, broadcast_object, gather_objects, make_accelerator, wrap_ddp,
-)
-from distill_depth.train.door import RunStopped, check_run
-from distill_depth.train.nonfinite import (
-    BadSteps, InjectedFault, failure_message, restore_buffers, snapshot_buffers, term_label,
-)
-from distill_depth.train.optim import build_optimizer, build_scheduler
-from distill_depth.train.rng import BranchStreams, isolated_rng, seed_everything
 from distill_depth.train.signals import StopRequest, Watchdog, requeue_if_slurm, shield_data_workers
-from distill_depth.train.tracking import build_tracker, colorize
+from distill_depth.train.step import BatchSource, autocast_factory, backward, dump_exchange
+from distill_depth.train.step import optimizer_step as _optimizer_step
+from distill_depth.train.tracking import build_tracker
 from distill_depth.train.validate import validate
 from distill_depth.types import Batch
 
-log = logging.getLogger("distill_depth.train")
+__all__ = ["BRANCH_SEED_OFFSET", "DUMP_ENV", "BatchSource", "Trainer", "autocast_factory", "train", "_optimizer_step"]
 
-BRANCH_SEED_OFFSET = {"S": 0, "U": 1}
-"""Each branch is initialised from its own seed, so its initial weights do not depend on placement."""
+log = logging.getLogger("distill_depth.train")
 
 DUMP_ENV = "DISTILL_DEPTH_DUMP_DIR"
 """Debug aid (used by the tests): each rank writes what it sent/received and its final weights."""
-
-
-class BatchSource:
-    """The cell's stream as an endless sequence of batches with a resumable position."""
-
-    def __init__(self, stream: Any, position: DataPosition, overfit_batches: int = 0) -> None:
-        self.stream = stream
-        self.position = position
-        self.overfit_batches = overfit_batches
-        self._cache: list[Batch] = []
-        self._iterator: Iterator[Batch] | None = None
-
-    def next(self) -> Batch:
-        if self.overfit_batches and len(self._cache) == self.overfit_batches:
-            batch = self._cache[self.position.batch_in_epoch % self.overfit_batches]
-            self.position.batch_in_epoch += 1
-            return batch
-        with isolated_rng():
-            batch = self._read()
-        if self.overfit_batches:
-            self._cache.append(batch)
-        return batch
-
-    def _read(self) -> Batch:
-        pos = self.position
-        if self._iterator is None:
-            self._iterator = iter(self.stream.epoch(pos.epoch, pos.batch_in_epoch))
-        try:
-            batch = next(self._iterator)
-        except StopIteration:  # a short epoch: the next one starts
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-            self._iterator = iter(self.stream.epoch(pos.epoch, 0))
-            batch = next(self._iterator)
-        pos.batch_in_epoch += 1
-        if pos.batch_in_epoch >= self.stream.batches_per_epoch:
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-            self.close()
-        return batch
-
-    def close(self) -> None:
-        closer = getattr(self._iterator, "close", None)
-        if closer is not None:
-            closer()
-        self._iterator = None
-
-
-def autocast_factory(precision: str, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
-    return autocast
 
 
 def train(cfg: Config, stop_request: StopRequest | None = None) -> int:
@@ -113,350 +59,292 @@ def train(cfg: Config, stop_request: StopRequest | None = None) -> int:
     ``stop_request``: an installed handler (the CLI installs one before the slow imports, so a
     signal during start-up is never fatal); when None, one is installed here, first of all. A
     stop signal is honoured at every step boundary, including the one before the first step
-    (then nothing new is checkpointed, see ``_stop_before_first_step``).
+    (then nothing new is checkpointed, see ``setup.stop_before_first_step``).
     """
     owned = stop_request is None
     if stop_request is None:
         stop_request = StopRequest().install()
     shield_data_workers()  # before any DataLoader worker is forked
     try:
-        return _train(cfg, stop_request)
+        trainer = Trainer(cfg, stop_request)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         if owned:
             stop_request.uninstall()
 
 
-def _train(cfg: Config, stop_request: StopRequest) -> int:
-    accelerator = make_accelerator(cfg.train.timeout_s)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if device.type == "cpu":
-        device = torch.device("cpu")  # accelerate's CPU ranks say "cpu:N", which torch.load/safetensors refuse
-    layout = plan_layout(world, cfg.topology.mode, cfg.topology.sup_ranks, cfg.branches)
-    topology = Topology(layout, rank, device)
-    out = Path(cfg.train.output_dir)
-    is_main = rank == 0
-    resume_from = _checked_at_the_door(cfg, is_main)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        log.info("placement: %s, world %d, %d cell(s) of 1 S + %d U rank(s); groups %s", layout.mode, world,
-                 layout.n_cells, layout.ratio, dict(layout.group_ranks))
-    if cfg.train.deepspeed != "none":
-        from distill_depth.train.deepspeed import require_deepspeed_device  # noqa: PLC0415
+class Trainer:
+    """One rank's share of a run: its branches, their optimisers, the cell's stream, the tracker."""
 
-        require_deepspeed_device(device)
+    def __init__(self, cfg: Config, stop_request: StopRequest) -> None:
+        self.cfg = cfg
+        self.stop_request = stop_request
+        self._build_placement()
+        resume_from = checked_at_the_door(cfg, self.is_main)
+        self._write_run_folder()
+        self._build_branches(resume_from)
+        self._build_stream()
+        self.tracker = build_tracker(cfg.train.report_to, self.out, cfg.to_dict(), cfg.train.wandb_project,
+                                     cfg.train.run_name, self.is_main)
+        self.watchdog = Watchdog(2 * cfg.train.timeout_s).start()
+        self.autocast = autocast_factory(cfg.train.mixed_precision, self.device)
+        self.dump_dir = os.environ.get(DUMP_ENV)
+        self.samples_per_step = self.layout.n_cells * self.layout.cell_batch_size(cfg.data.batch_size) * cfg.train.grad_accum
+        self.progress = progress_bar(self.is_main, self.step, cfg.train.max_steps)
+        self.totals: dict[str, list[float]] = defaultdict(list)  # per key, the values since the last log
+        self.bad_steps = BadSteps([n for n, b in self.branches.items() if b.engine is None], cfg.train.max_bad_steps)
+        self.fault = InjectedFault.from_env()
+        self.last_predictions: dict[str, Any] = {}
+        self.log_start = time.perf_counter()
+        self.checkpoint_path: Path | None = None
+        self.panel_batch = fixed_panel_batch(cfg.data.val_shards, self.device) if cfg.train.image_every else None
 
-    from distill_depth.branches import build_branch  # noqa: PLC0415
-    from distill_depth.data.stream import TrainStream  # noqa: PLC0415
+    # -- construction ---------------------------------------------------------------------------
 
-    branches: dict[str, BranchState] = {}
-    for name in topology.roles:
-        seed_everything(cfg.train.seed + BRANCH_SEED_OFFSET[name])
-        model = build_branch(name, cfg).to(device)
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
-        scaler = torch.amp.GradScaler(device.type) if cfg.train.mixed_precision == "fp16" else None
-        branches[name] = BranchState(name, model, optimizer, scheduler, scaler)
-    seed_everything(cfg.train.seed * 1000 + 7919 * (rank + 1))
-    streams = BranchStreams(cfg.train.seed, {n: layout.group_ranks[n].index(rank) for n in branches}, device)
+    def _build_placement(self) -> None:
+        cfg = self.cfg
+        self.accelerator = make_accelerator(cfg.train.timeout_s)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        device = self.accelerator.device
+        # accelerate's CPU ranks say "cpu:N", which torch.load/safetensors refuse
+        self.device = torch.device("cpu") if device.type == "cpu" else device
+        self.layout = plan_layout(self.world, cfg.topology.mode, cfg.topology.sup_ranks, cfg.branches)
+        self.topology = Topology(self.layout, self.rank, self.device)
+        self.out = Path(cfg.train.output_dir)
+        self.is_main = self.rank == 0
 
-    lo, hi = layout.data_slice(rank, cfg.data.batch_size)
-    if cfg.train.deepspeed != "none":
-        _attach_deepspeed(branches, topology, cfg, micro_batch=hi - lo)
-    step, position = 0, DataPosition()
-    if resume_from is not None:
-        step, position = load_checkpoint(resume_from, list(branches.values()), rank, device, streams)
-        if is_main:
-            log.warning("resuming from checkpoint step %d (%s)", step, resume_from)
-    else:
-        _init_weights(branches, cfg, device, is_main)
-    wrapped = {
-        n: b.engine if b.engine is not None else wrap_ddp(b.model, topology.groups.get(n), topology.group_size(n), device)
-        for n, b in branches.items()
-    }
-    for model in wrapped.values():
-        model.train()
+    def _write_run_folder(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            log.info("placement: %s, world %d, %d cell(s) of 1 S + %d U rank(s); groups %s", layout.mode, self.world,
+                     layout.n_cells, layout.ratio, dict(layout.group_ranks))
+        if cfg.train.deepspeed != "none":
+            from distill_depth.train.deepspeed import require_deepspeed_device  # noqa: PLC0415
 
-    stream = TrainStream(
-        cfg.data.train_shards, layout.cell_batch_size(cfg.data.batch_size), topology.data_rank, topology.data_world,
-        num_workers=cfg.data.num_workers, seed=cfg.train.seed, samples_per_epoch=cfg.data.samples_per_epoch,
-        use_stereo=cfg.data.uses_stereo, shuffle_buffer=cfg.data.shuffle_buffer,
-        labelled_fraction=cfg.data.labelled_fraction, label_seed=cfg.data.label_seed,
-    )
-    source = BatchSource(stream, position, cfg.train.overfit_batches)
-    tracker = build_tracker(cfg.train.report_to, out, cfg.to_dict(), cfg.train.wandb_project, cfg.train.run_name, is_main)
-    watchdog = Watchdog(2 * cfg.train.timeout_s).start()
-    autocast = autocast_factory(cfg.train.mixed_precision, device)
-    dump_dir = os.environ.get(DUMP_ENV)
-    samples_per_step = layout.n_cells * layout.cell_batch_size(cfg.data.batch_size) * cfg.train.grad_accum
-    progress = _progress_bar(is_main, step, cfg.train.max_steps)
-    totals: dict[str, list[float]] = defaultdict(list)
-    step_values: dict[str, list[float]] = defaultdict(list)  # loss terms of the step under way
-    bad_steps = BadSteps([n for n, b in branches.items() if b.engine is None], cfg.train.max_bad_steps)
-    fault = InjectedFault.from_env()
-    last_pred: dict[str, Any] = {}
-    log_start = time.perf_counter()
-    exit_code = 0
-    try:
-        if step < cfg.train.max_steps and agree_to_stop(stop_request.requested, device):
-            _stop_before_first_step(step, is_main)
-            return exit_code
-        while step < cfg.train.max_steps:
-            step_start = time.perf_counter()
-            buffers = {n: snapshot_buffers(b.model) for n, b in branches.items() if b.engine is None}
-            for micro in range(cfg.train.grad_accum):
-                t0 = time.perf_counter()
-                batch = source.next().slice(lo, hi).to(device)
-                totals["time/data_s"].append(time.perf_counter() - t0)
-                sync = micro == cfg.train.grad_accum - 1
-                with contextlib.ExitStack() as stack:
-                    if not sync:
-                        for model in wrapped.values():
-                            if isinstance(model, DistributedDataParallel):  # DeepSpeed handles its own accumulation
-                                stack.enter_context(model.no_sync())
-                    predictions = {}
-                    for name, model in wrapped.items():
-                        t0 = time.perf_counter()
-                        with autocast(), streams.use(name):
-                            predictions[name] = model(batch)
-                        totals[f"{name}/compute_s"].append(time.perf_counter() - t0)
-                    partners = topology.exchange({n: p.for_partner() for n, p in predictions.items()})
-                    totals["time/exchange_s"].append(topology.timing.exchange_s)
-                    totals["time/wait_s"].append(topology.timing.wait_s)
-                    if dump_dir:
-                        _dump_exchange(dump_dir, rank, step, micro, predictions, partners)
-                    for name, state in branches.items():
-                        t0 = time.perf_counter()
-                        with streams.use(name):
-                            loss, terms = state.model.loss(batch, predictions[name], partners[name], step)
-                        if fault is not None:
-                            loss, terms = fault.apply(name, step + 1, rank, loss, terms)
-                        if state.engine is not None:  # DeepSpeed divides by grad_accum and steps at the boundary
-                            state.engine.backward(loss.float())
-                            state.engine.step()
-                        else:
-                            scaled = loss.float() / cfg.train.grad_accum
-                            (state.scaler.scale(scaled) if state.scaler else scaled).backward()
-                        totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
-                        values = {"loss": float(loss.detach()), **{t: float(v) for t, v in terms.items()}}
-                        bad_steps.see(name, values)
-                        for term, value in values.items():
-                            step_values[f"{name}/{term}"].append(value)
-                last_pred = predictions
-            for name, state in branches.items():
-                t0 = time.perf_counter()
-                totals[f"{name}/lr"].append(state.scheduler.get_last_lr()[0])
-                if not _optimizer_step(state, cfg.optim.grad_clip, bad_steps, topology.groups.get(name), device, step + 1,
-                                       buffers.get(name)):
-                    for key in [k for k in step_values if k.startswith(f"{name}/")]:
-                        totals[key].extend(step_values.pop(key))
-                totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
-            step_values.clear()  # a skipped step's (non-finite) values stay out of the means
-            step += 1
-            watchdog.beat()
-            t0 = time.perf_counter()
-            stop = agree_to_stop(stop_request.requested or bad_steps.exhausted(), device)
-            # every rank agreed to stop, so every rank gathers: did a branch run out of good steps?
-            failures = [f for part in gather_objects(bad_steps.failures(rank)) for f in part] if stop else []
-            # Idle time of the faster group: it waits here for the slower one to finish its step.
-            totals["time/sync_s"].append(time.perf_counter() - t0)
-            totals["time/step_s"].append(time.perf_counter() - step_start)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or stop:
-                elapsed = time.perf_counter() - log_start
-                n_steps = len(totals["time/step_s"])
-                for name in bad_steps.window:
-                    totals[f"{name}/skipped_steps"] = [float(bad_steps.window[name])]
-                    bad_steps.window[name] = 0
-                scalars = _reduce_scalars(totals, is_main)
-                if is_main:
-                    scalars["samples_per_s"] = samples_per_step * n_steps / max(elapsed, 1e-9)
-                    scalars["epoch"] = source.position.epoch
-                    tracker.log_scalars(scalars, step)
-                    _append_jsonl(out / "metrics.jsonl", step, scalars)
-                    progress.set_postfix(samples_s=f"{scalars['samples_per_s']:.1f}",
-                                         **{f"{n}_loss": f"{scalars.get(f'{n}/loss', float('nan')):.3f}" for n in cfg.branches})
-                totals.clear()
-                log_start = time.perf_counter()
-            if cfg.train.image_every and step % cfg.train.image_every == 0:
-                _log_images(last_pred, topology, tracker, step)
-            if cfg.train.val_every and cfg.data.val_shards and step % cfg.train.val_every == 0:
-                metrics = validate({n: b.model for n, b in branches.items()}, topology, cfg, device, autocast, watchdog.beat)
-                if is_main:
-                    tracker.log_scalars(metrics, step)
-                    _append_jsonl(out / "metrics.jsonl", step, metrics)
-                    log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in metrics.items()})
-            progress.update(1)
-            final = step == cfg.train.max_steps
-            if stop or final or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
-                path = save_checkpoint(
-                    out, step, source.position, list(branches.values()),
-                    {n for n in branches if topology.is_group_leader(n)}, rank, world, cfg,
-                    {"mode": layout.mode, "ratio": layout.ratio, "branches": list(layout.branches)},
-                    cfg.train.keep_last, streams,
-                )
-                watchdog.beat()
-                if is_main:
-                    log.info("checkpoint step %d written to %s", step, path)
-            if failures:
-                raise RunStopped(failure_message(failures, cfg.train.max_bad_steps, path), 1, report=is_main)
-            if stop and not final:
-                if is_main:
-                    log.warning("stopped by signal at step %d; checkpoint complete", step)
-                    requeue_if_slurm()
-                return exit_code
-        leaders = {n: b.model for n, b in branches.items() if topology.is_group_leader(n)}
-        if leaders:
-            export_branches(out, leaders)
-        barrier()
-        if is_main:
-            write_export_meta(out, cfg, step)
-            log.info("training done at step %d; export in %s", step, out / "export")
-        if dump_dir:
-            torch.save({n: {k: v.detach().cpu() for k, v in b.model.state_dict().items()} for n, b in branches.items()},
-                       Path(dump_dir) / f"weights_rank{rank}.pt")
-        return exit_code
-    finally:
-        progress.close()
-        source.close()
-        watchdog.stop()
-        tracker.finish()
+            require_deepspeed_device(self.device)
 
-
-def _init_weights(branches: dict[str, BranchState], cfg: Config, device: torch.device, is_main: bool) -> None:
-    """``train.init_s`` / ``train.init_u``: a fresh run starts from another run's weights."""
-    for name, state in branches.items():
-        source = {"S": cfg.train.init_s, "U": cfg.train.init_u}[name]
-        if source:
-            path = init_branch_weights(state.model, name, source, device)
-            if is_main:
-                log.info("branch %s starts from %s", name, path)
-
-
-def _checked_at_the_door(cfg: Config, is_main: bool) -> Path | None:
-    """Rank 0 checks what the run needs (``door.check_run``) before any model is built; every
-    rank gets the verdict, so all stop together (:class:`RunStopped`, exit 2) with one message.
-    Returns the verified checkpoint to resume from."""
-    verdict: tuple[str | None, str | None] = (None, None)
-    if is_main:
-        try:
-            found = check_run(cfg)
-            verdict = (None, None if found is None else str(found))
-        except ConfigError as exc:
-            verdict = (str(exc), None)
-    error, resume = broadcast_object(verdict)
-    if error is not None:
-        raise RunStopped(error, 2, report=is_main)
-    return None if resume is None else Path(resume)
-
-
-def _stop_before_first_step(step: int, is_main: bool) -> None:
-    """A stop signal arrived during start-up (all ranks agreed before doing any step).
-
-    No step was done in this process, so there is nothing new to save: the run folder's newest
-    complete checkpoint (if any) is exactly where a restart continues. Exit 0 (and requeue under
-    SLURM) without spending the grace period on a step and a checkpoint.
-    """
-    if is_main:
-        log.warning("stopped by signal before the first step (at step %d); nothing new to checkpoint", step)
-        requeue_if_slurm()
-
-
-def _attach_deepspeed(branches: dict[str, BranchState], topology: Topology, cfg: Config, micro_batch: int) -> None:
-    """Give each local branch a DeepSpeed engine over its own group (GPU only)."""
-    from distill_depth.train.deepspeed import GroupMPU, build_engine, deepspeed_config, single_rank_groups  # noqa: PLC0415
-
-    self_groups = single_rank_groups(topology.layout.world)
-    for name, state in branches.items():
-        config = deepspeed_config(cfg, micro_batch, topology.group_size(name))
-        mpu = GroupMPU(topology.groups.get(name), topology.layout.group_ranks[name], self_groups[topology.rank],
-                       topology.rank)
-        state.engine, state.optimizer, state.scheduler = build_engine(
-            state.model, state.optimizer, state.scheduler, config, mpu
-        )
-        state.scaler = None  # the engine scales fp16 losses itself
-
-
-def _optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadSteps, group: Any,
-                    device: torch.device, step: int, buffers: list[torch.Tensor] | None) -> bool:
-    """The branch's update at the step boundary; True when the step was bad (non-finite on some
-    rank of the branch's ``group``, agreed by all of them): update skipped, ``buffers`` (taken
-    before the step's forward passes) put back."""
-    if state.engine is not None:
-        return False  # stepped by the engine inside the micro-step loop
-    if state.scaler is not None:
-        state.scaler.unscale_(state.optimizer)
-    bad = any_rank(bad_steps.local_verdict(state.name, state.model), device, group)
-    bad_steps.settle(state.name, bad, step)
-    if bad:
-        restore_buffers(state.model, buffers or [])
-        if state.scaler is not None:  # the same back-off on every rank, whatever each one's own overflow check said
-            state.scaler.update(state.scaler.get_scale() * state.scaler.get_backoff_factor())
-        if bad_steps.streak[state.name][1] is not None:
-            log.warning("step %d: %s is not finite; branch %s's optimiser step skipped (%d in a row)", step,
-                        term_label(state.name, bad_steps.streak[state.name][1]), state.name,
-                        bad_steps.in_a_row[state.name])
-    else:
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
-        if state.scaler is not None:
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
+    def _build_branches(self, resume_from: Path | None) -> None:
+        """Branches (each from its own seed), this rank's RNG streams, resumed or initial weights, DDP."""
+        cfg, rank, device = self.cfg, self.rank, self.device
+        self.branches = build_branch_states(cfg, self.topology.roles, device)
+        seed_everything(cfg.train.seed * 1000 + 7919 * (rank + 1))
+        self.streams = BranchStreams(cfg.train.seed, {n: self.layout.group_ranks[n].index(rank) for n in self.branches},
+                                     device)
+        self.lo, self.hi = self.layout.data_slice(rank, cfg.data.batch_size)
+        if cfg.train.deepspeed != "none":
+            attach_deepspeed(self.branches, self.topology, cfg, micro_batch=self.hi - self.lo)
+        self.step, self.position = 0, DataPosition()
+        if resume_from is not None:
+            self.step, self.position = load_checkpoint(resume_from, list(self.branches.values()), rank, device,
+                                                       self.streams)
+            if self.is_main:
+                log.warning("resuming from checkpoint step %d (%s)", self.step, resume_from)
         else:
-            state.optimizer.step()
-    with warnings.catch_warnings():  # a skipped first step: the schedule follows the step count on purpose
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
-        state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    return bad
+            init_weights(self.branches, cfg, device, self.is_main)
+        topology = self.topology
+        self.wrapped = {
+            n: b.engine if b.engine is not None else wrap_ddp(b.model, topology.groups.get(n), topology.group_size(n), device)
+            for n, b in self.branches.items()
+        }
+        for model in self.wrapped.values():
+            model.train()
 
+    def _build_stream(self) -> None:
+        from distill_depth.data.stream import TrainStream  # noqa: PLC0415
 
-def _reduce_scalars(totals: dict[str, list[float]], is_main: bool) -> dict[str, float]:
-    """Means over this rank's steps, then over the ranks reporting each key (collective)."""
-    local = {k: float(np.mean(v)) for k, v in totals.items() if v}
-    merged: dict[str, list[float]] = defaultdict(list)
-    for rank_values in gather_objects(local):
-        for key, value in rank_values.items():
-            merged[key].append(value)
-    if not is_main:
-        return {}
-    # Timings are a rank's wall clock: the slowest rank is what the step costs.
-    return {k: (max(v) if k.endswith("_s") else float(np.mean(v))) for k, v in merged.items()}
+        cfg, topology = self.cfg, self.topology
+        stream = TrainStream(
+            cfg.data.train_shards, self.layout.cell_batch_size(cfg.data.batch_size), topology.data_rank,
+            topology.data_world, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            samples_per_epoch=cfg.data.samples_per_epoch, use_stereo=cfg.data.uses_stereo,
+            shuffle_buffer=cfg.data.shuffle_buffer, labelled_fraction=cfg.data.labelled_fraction,
+            label_seed=cfg.data.label_seed,
+        )
+        self.source = BatchSource(stream, self.position, cfg.train.overfit_batches)
 
+    # -- the run --------------------------------------------------------------------------------
 
-def _log_images(predictions: dict[str, Any], topology: Topology, tracker: Any, step: int) -> None:
-    images = {}
-    for name, pred in predictions.items():
-        if topology.is_group_leader(name):
-            depth, confidence = colorize(pred.canonical_depth.detach(), pred.canonical_confidence.detach())
-            images[f"images/{name}/depth"], images[f"images/{name}/confidence"] = depth, confidence
-    merged: dict[str, Any] = {}
-    for rank_images in gather_objects(images):
-        merged.update(rank_images)
-    if merged:
-        tracker.log_images(merged, step)
+    def run(self) -> int:
+        """Steps until ``train.max_steps`` (then the export) or an agreed stop; the exit code."""
+        max_steps = self.cfg.train.max_steps
+        if self.step < max_steps and agree_to_stop(self.stop_request.requested, self.device):
+            stop_before_first_step(self.step, self.is_main)
+            return 0
+        while self.step < max_steps:
+            step_start = time.perf_counter()
+            self.train_step()
+            stop, failures = self.agree_on_stop(step_start)
+            self.maybe_log(stop)
+            self.maybe_validate()
+            self.progress.update(1)
+            self.maybe_checkpoint(stop)
+            if failures:
+                raise RunStopped(failure_message(failures, self.cfg.train.max_bad_steps, self.checkpoint_path), 1,
+                                 report=self.is_main)
+            if stop and self.step != max_steps:
+                if self.is_main:
+                    log.warning("stopped by signal at step %d; checkpoint complete", self.step)
+                    requeue_if_slurm()
+                return 0
+        self.export()
+        return 0
 
+    def train_step(self) -> None:
+        """One optimiser step: ``train.grad_accum`` micro-steps, then each branch's update."""
+        buffers = {n: snapshot_buffers(b.model) for n, b in self.branches.items() if b.engine is None}
+        step_values: dict[str, list[float]] = defaultdict(list)  # loss terms of the step under way
+        for micro in range(self.cfg.train.grad_accum):
+            self._micro_step(micro, step_values)
+        for name, state in self.branches.items():
+            t0 = time.perf_counter()
+            self.totals[f"{name}/lr"].append(state.scheduler.get_last_lr()[0])
+            if not _optimizer_step(state, self.cfg.optim.grad_clip, self.bad_steps, self.topology.groups.get(name),
+                                   self.device, self.step + 1, buffers.get(name)):
+                for key in [k for k in step_values if k.startswith(f"{name}/")]:
+                    self.totals[key].extend(step_values.pop(key))
+            self.totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
+        # a skipped step's (non-finite) values stay out of the means: step_values is dropped here
+        self.step += 1
+        self.watchdog.beat()
 
-def _append_jsonl(path: Path, step: int, values: dict[str, float]) -> None:
-    import json  # noqa: PLC0415
+    def _micro_step(self, micro: int, step_values: dict[str, list[float]]) -> None:
+        t0 = time.perf_counter()
+        batch = self.source.next().slice(self.lo, self.hi).to(self.device)
+        self.totals["time/data_s"].append(time.perf_counter() - t0)
+        sync = micro == self.cfg.train.grad_accum - 1
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for model in self.wrapped.values():
+                    if isinstance(model, DistributedDataParallel):  # DeepSpeed handles its own accumulation
+                        stack.enter_context(model.no_sync())
+            predictions, partners = self._forward_and_exchange(batch, micro)
+            for name in self.branches:
+                self._loss_and_backward(name, batch, predictions[name], partners[name], step_values)
+        self.last_predictions = predictions
 
-    with path.open("a") as handle:
-        handle.write(json.dumps({"step": step, **values}) + "\n")
+    def _forward_and_exchange(self, batch: Batch, micro: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        predictions = {}
+        for name, model in self.wrapped.items():
+            t0 = time.perf_counter()
+            with self.autocast(), self.streams.use(name):
+                predictions[name] = model(batch)
+            self.totals[f"{name}/compute_s"].append(time.perf_counter() - t0)
+        partners = self.topology.exchange({n: p.for_partner() for n, p in predictions.items()})
+        self.totals["time/exchange_s"].append(self.topology.timing.exchange_s)
+        self.totals["time/wait_s"].append(self.topology.timing.wait_s)
+        if self.dump_dir:
+            dump_exchange(self.dump_dir, self.rank, self.step, micro, predictions, partners)
+        return predictions, partners
 
+    def _loss_and_backward(self, name: str, batch: Batch, prediction: Any, partner: Any,
+                           step_values: dict[str, list[float]]) -> None:
+        state = self.branches[name]
+        t0 = time.perf_counter()
+        with self.streams.use(name):
+            loss, terms = state.model.loss(batch, prediction, partner, self.step)
+        if self.fault is not None:
+            loss, terms = self.fault.apply(name, self.step + 1, self.rank, loss, terms)
+        backward(state, loss, self.cfg.train.grad_accum)
+        self.totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
+        values = {"loss": float(loss.detach()), **{t: float(v) for t, v in terms.items()}}
+        self.bad_steps.see(name, values)
+        for term, value in values.items():
+            step_values[f"{name}/{term}"].append(value)
 
-def _dump_exchange(folder: str, rank: int, step: int, micro: int, predictions: dict[str, Any], partners: dict[str, Any]) -> None:
-    payload = {
-        "sent": {n: _plain(p.for_partner()) for n, p in predictions.items()},
-        "received": {n: (_plain(p) if p is not None else None) for n, p in partners.items()},
-    }
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    torch.save(payload, Path(folder) / f"exchange_rank{rank}_step{step}_{micro}.pt")
+    def agree_on_stop(self, step_start: float) -> tuple[bool, list[Any]]:
+        """World-wide: stop now (a signal, or a branch out of good steps)? And the failures, if any."""
+        t0 = time.perf_counter()
+        stop = agree_to_stop(self.stop_request.requested or self.bad_steps.exhausted(), self.device)
+        # every rank agreed to stop, so every rank gathers: did a branch run out of good steps?
+        failures = [f for part in gather_objects(self.bad_steps.failures(self.rank)) for f in part] if stop else []
+        # Idle time of the faster group: it waits here for the slower one to finish its step.
+        self.totals["time/sync_s"].append(time.perf_counter() - t0)
+        self.totals["time/step_s"].append(time.perf_counter() - step_start)
+        return stop, failures
 
+    # -- at the step boundary -------------------------------------------------------------------
 
-def _plain(pred: Any) -> dict[str, Any]:
-    return {"depth": pred.depth.cpu(), "confidence": pred.confidence.cpu(), "valid": pred.valid.cpu(), "keys": list(pred.keys)}
+    def maybe_log(self, stop: bool) -> None:
+        """Scalars every ``train.log_every`` steps (and at the last or a stopping step); images
+        every ``train.image_every``. Collective."""
+        cfg, step = self.cfg, self.step
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or stop:
+            self._log_scalars()
+        if cfg.train.image_every and step % cfg.train.image_every == 0:
+            if self.panel_batch is not None:
+                log_panels({n: b.model for n, b in self.branches.items()}, self.panel_batch, self.topology,
+                           self.tracker, step, self.autocast, self.is_main)
+            else:  # no val shards: the maps of the last training batch, as the branch saw them
+                log_images(self.last_predictions, self.topology, self.tracker, step)
 
+    def _log_scalars(self) -> None:
+        elapsed = time.perf_counter() - self.log_start
+        n_steps = len(self.totals["time/step_s"])
+        for name in self.bad_steps.window:
+            self.totals[f"{name}/skipped_steps"] = [float(self.bad_steps.window[name])]
+            self.bad_steps.window[name] = 0
+        scalars = reduce_scalars(self.totals, self.is_main)
+        if self.is_main:
+            scalars["samples_per_s"] = self.samples_per_step * n_steps / max(elapsed, 1e-9)
+            scalars["epoch"] = self.source.position.epoch
+            self.tracker.log_scalars(scalars, self.step)
+            append_jsonl(self.out / "metrics.jsonl", self.step, scalars)
+            self.progress.set_postfix(samples_s=f"{scalars['samples_per_s']:.1f}", **{
+                f"{n}_loss": f"{scalars.get(f'{n}/loss', float('nan')):.3f}" for n in self.cfg.branches})
+        self.totals.clear()
+        self.log_start = time.perf_counter()
 
-def _progress_bar(enabled: bool, initial: int, total: int) -> Any:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    def maybe_validate(self) -> None:
+        """Validation every ``train.val_every`` steps when there are validation shards. Collective."""
+        cfg, step = self.cfg, self.step
+        if not (cfg.train.val_every and cfg.data.val_shards and step % cfg.train.val_every == 0):
+            return
+        metrics = validate({n: b.model for n, b in self.branches.items()}, self.topology, cfg, self.device,
+                           self.autocast, self.watchdog.beat)
+        if self.is_main:
+            self.tracker.log_scalars(metrics, step)
+            append_jsonl(self.out / "metrics.jsonl", step, metrics)
+            log.info("step %d validation: %s", step, {k: round(v, 4) for k, v in metrics.items()})
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    def maybe_checkpoint(self, stop: bool) -> Path | None:
+        """A checkpoint every ``train.ckpt_every`` steps, at the last step and when stopping. Collective."""
+        cfg, step = self.cfg, self.step
+        if not (stop or step == cfg.train.max_steps or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0)):
+            return None
+        layout = self.layout
+        self.checkpoint_path = save_checkpoint(
+            self.out, step, self.source.position, list(self.branches.values()),
+            {n for n in self.branches if self.topology.is_group_leader(n)}, self.rank, self.world, cfg,
+            {"mode": layout.mode, "ratio": layout.ratio, "branches": list(layout.branches)},
+            cfg.train.keep_last, self.streams,
+        )
+        self.watchdog.beat()
+        if self.is_main:
+            log.info("checkpoint step %d written to %s", step, self.checkpoint_path)
+        return self.checkpoint_path
+
+    def export(self) -> None:
+        """The final weights: each group leader writes its branch, rank 0 the metadata. Collective."""
+        leaders = {n: b.model for n, b in self.branches.items() if self.topology.is_group_leader(n)}
+        if leaders:
+            export_branches(self.out, leaders)
+        barrier()
+        if self.is_main:
+            write_export_meta(self.out, self.cfg, self.step)
+            self.tracker.log_export(self.out / "export", self.step)
+            log.info("training done at step %d; export in %s", self.step, self.out / "export")
+        if self.dump_dir:
+            weights = {n: {k: v.detach().cpu() for k, v in b.model.state_dict().items()} for n, b in self.branches.items()}
+            torch.save(weights, Path(self.dump_dir) / f"weights_rank{self.rank}.pt")
+
+    def close(self) -> None:
+        """Progress bar, data workers, watchdog, tracker: whatever happened in the run."""
+        self.progress.close()
+        self.source.close()
+        self.watchdog.stop()
+        self.tracker.finish()

@@ -37,6 +37,9 @@ class Tracker:
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         """``images``: name → ``(H, W, 3)`` uint8."""
 
+    def log_export(self, folder: Path, step: int) -> None:
+        """The run's final export folder (S, U, config), where the tracker keeps models."""
+
     def finish(self) -> None: ...
 
 
@@ -59,6 +62,15 @@ class WandbTracker(Tracker):
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         self.run.log({name: self._wandb.Image(array) for name, array in images.items()}, step=step)
+
+    def log_export(self, folder: Path, step: int) -> None:
+        """A W&B model artifact ``export-<run id>`` (aliases ``final``, ``step-N``). ``immutable``:
+        W&B reads the files where they lie instead of copying both networks into its staging area
+        (the export folder is not written again by this run)."""
+        artifact = self._wandb.Artifact(f"export-{self.run.id}", type="model", metadata={"step": step},
+                                        description="final export of both branches: S, U, config.yaml")
+        artifact.add_dir(str(folder), policy="immutable")
+        self.run.log_artifact(artifact, aliases=["final", f"step-{step}"])
 
     def finish(self) -> None:
         self.run.finish()

@@ -1,0 +1,138 @@
+"""The pieces of one optimiser step: the resumable batch source, autocast, the branch's update at
+the step boundary (with the agreed non-finite skip), and the exchange dump the tests read."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from distill_depth.train.checkpoint import BranchState, DataPosition
+from distill_depth.train.distributed import any_rank
+from distill_depth.train.nonfinite import BadSteps, restore_buffers, term_label
+from distill_depth.train.rng import isolated_rng
+from distill_depth.types import Batch
+
+log = logging.getLogger("distill_depth.train")
+
+
+class BatchSource:
+    """The cell's stream as an endless sequence of batches with a resumable position."""
+
+    def __init__(self, stream: Any, position: DataPosition, overfit_batches: int = 0) -> None:
+        self.stream = stream
+        self.position = position
+        self.overfit_batches = overfit_batches
+        self._cache: list[Batch] = []
+        self._iterator: Iterator[Batch] | None = None
+
+    def next(self) -> Batch:
+        if self.overfit_batches and len(self._cache) == self.overfit_batches:
+            batch = self._cache[self.position.batch_in_epoch % self.overfit_batches]
+            self.position.batch_in_epoch += 1
+            return batch
+        with isolated_rng():
+            batch = self._read()
+        if self.overfit_batches:
+            self._cache.append(batch)
+        return batch
+
+    def _read(self) -> Batch:
+        pos = self.position
+        if self._iterator is None:
+            self._iterator = iter(self.stream.epoch(pos.epoch, pos.batch_in_epoch))
+        try:
+            batch = next(self._iterator)
+        except StopIteration:  # a short epoch: the next one starts
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+            self._iterator = iter(self.stream.epoch(pos.epoch, 0))
+            batch = next(self._iterator)
+        pos.batch_in_epoch += 1
+        if pos.batch_in_epoch >= self.stream.batches_per_epoch:
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+            self.close()
+        return batch
+
+    def close(self) -> None:
+        closer = getattr(self._iterator, "close", None)
+        if closer is not None:
+            closer()
+        self._iterator = None
+
+
+def autocast_factory(precision: str, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    return autocast
+
+
+def backward(state: BranchState, loss: torch.Tensor, grad_accum: int) -> None:
+    """One micro-step's backward pass of a branch (DeepSpeed: also its step at the boundary)."""
+    if state.engine is not None:  # DeepSpeed divides by grad_accum and steps at the boundary
+        state.engine.backward(loss.float())
+        state.engine.step()
+    else:
+        scaled = loss.float() / grad_accum
+        (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+
+
+def optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadSteps, group: Any,
+                   device: torch.device, step: int, buffers: list[torch.Tensor] | None) -> bool:
+    """The branch's update at the step boundary; True when the step was bad (non-finite on some
+    rank of the branch's ``group``, agreed by all of them): update skipped, ``buffers`` (taken
+    before the step's forward passes) put back."""
+    if state.engine is not None:
+        return False  # stepped by the engine inside the micro-step loop
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    bad = any_rank(bad_steps.local_verdict(state.name, state.model), device, group)
+    bad_steps.settle(state.name, bad, step)
+    if bad:
+        _skip(state, bad_steps, buffers, step)
+    else:
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: the schedule follows the step count on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return bad
+
+
+def _skip(state: BranchState, bad_steps: BadSteps, buffers: list[torch.Tensor] | None, step: int) -> None:
+    restore_buffers(state.model, buffers or [])
+    if state.scaler is not None:  # the same back-off on every rank, whatever each one's own overflow check said
+        state.scaler.update(state.scaler.get_scale() * state.scaler.get_backoff_factor())
+    if bad_steps.streak[state.name][1] is not None:
+        log.warning("step %d: %s is not finite; branch %s's optimiser step skipped (%d in a row)", step,
+                    term_label(state.name, bad_steps.streak[state.name][1]), state.name,
+                    bad_steps.in_a_row[state.name])
+
+
+def dump_exchange(folder: str, rank: int, step: int, micro: int, predictions: dict[str, Any],
+                  partners: dict[str, Any]) -> None:
+    """``DISTILL_DEPTH_DUMP_DIR``: what this rank sent and received in one micro-step."""
+    payload = {
+        "sent": {n: _plain(p.for_partner()) for n, p in predictions.items()},
+        "received": {n: (_plain(p) if p is not None else None) for n, p in partners.items()},
+    }
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.save(payload, Path(folder) / f"exchange_rank{rank}_step{step}_{micro}.pt")
+
+
+def _plain(pred: Any) -> dict[str, Any]:
+    return {"depth": pred.depth.cpu(), "confidence": pred.confidence.cpu(), "valid": pred.valid.cpu(), "keys": list(pred.keys)}
