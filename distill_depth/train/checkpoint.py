@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
 
@@ -93,6 +94,10 @@ class BranchState:
         return files
 
 
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""How a failed write shows: torch.save reports a full disk as a RuntimeError, safetensors as its own error."""
+
+
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
 
@@ -124,14 +129,14 @@ def save_checkpoint(
     records: dict[str, dict[str, Any]] = {}
     try:
         records = _write_rank_files(tmp, branches, leaders, rank, streams, writing)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+    except WRITE_ERRORS as exc:
         writing.fail(exc)
     gathered = gather_objects((records, writing.error))  # collective: every rank has written its files
     errors = [error for _, error in gathered if error]
     if rank == 0 and not errors:
         try:
             _complete(tmp, final, step, position, world, cfg, placement, gathered, writing)
-        except (OSError, RuntimeError) as exc:
+        except WRITE_ERRORS as exc:
             writing.fail(exc)
             errors.append(writing.error)
     errors = gather_objects(errors)[0]  # rank 0's verdict: everyone's errors and its own
@@ -161,10 +166,13 @@ class _Writing:
 
     def fail(self, exc: BaseException) -> None:
         try:
-            free = f"{shutil.disk_usage(self.tmp.parent).free / 2**20:.0f} MiB free there"
+            free_bytes = shutil.disk_usage(self.tmp.parent).free
+            free = f"{free_bytes / 2**20:.0f} MiB free there"
         except OSError:
-            free = "free space unknown"
-        self.error = f"writing {self.path} failed ({first_line(exc)}; {free})"
+            free_bytes, free = None, "free space unknown"
+        # torch.save says "unexpected pos ..." when the disk fills: say what it means
+        full = "the disk is full: " if free_bytes is not None and free_bytes < 2**20 else ""
+        self.error = f"writing {self.path} failed ({full}{first_line(exc)}; {free})"
 
 
 def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str], rank: int,
@@ -327,13 +335,13 @@ def export_run(output_dir: str | Path, models: dict[str, nn.Module], cfg: Config
     try:
         if models:
             export_branches(output_dir, models, writing)
-    except (OSError, RuntimeError) as exc:
+    except WRITE_ERRORS as exc:
         writing.fail(exc)
     errors = [error for error in gather_objects(writing.error) if error]
     if rank == 0 and not errors:
         try:
             write_export_meta(output_dir, cfg, step, writing)
-        except (OSError, RuntimeError) as exc:
+        except WRITE_ERRORS as exc:
             writing.fail(exc)
             errors.append(writing.error)
     errors = gather_objects(errors)[0]
