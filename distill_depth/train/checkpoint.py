@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
 
@@ -59,7 +60,7 @@ from distill_depth.checkpoint_io import (
 )
 from distill_depth.config import Config, save_config
 from distill_depth.data.shard_reader import sha256_file
-from distill_depth.train.distributed import barrier, gather_objects
+from distill_depth.train.distributed import RunStopped, barrier, gather_objects
 from distill_depth.train.rng import BranchStreams, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class BranchState:
         return files
 
 
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""How a failed write shows: torch.save reports a full disk as a RuntimeError, safetensors as its own error."""
+
+
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
 
@@ -120,43 +125,96 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     barrier()
+    writing = _Writing(tmp)
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        records = _write_rank_files(tmp, branches, leaders, rank, streams, writing)
+    except WRITE_ERRORS as exc:
+        writing.fail(exc)
+    gathered = gather_objects((records, writing.error))  # collective: every rank has written its files
+    errors = [error for _, error in gathered if error]
+    if rank == 0 and not errors:
+        try:
+            _complete(tmp, final, step, position, world, cfg, placement, gathered, writing)
+        except WRITE_ERRORS as exc:
+            writing.fail(exc)
+            errors.append(writing.error)
+    errors = gather_objects(errors)[0]  # rank 0's verdict: everyone's errors and its own
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p for p in complete_checkpoints(output_dir) if p != final]
+        raise RunStopped(f"checkpoint of step {step} not written: {errors[0]}; nothing of it is counted as "
+                         f"complete; the newest complete checkpoint is {kept[-1] if kept else 'none (no checkpoint yet)'}",
+                         1, report=rank == 0)
+    if rank == 0:
+        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+class _Writing:
+    """The file being written now, so that a failure (a full disk, a quota) names it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.path, self.error = tmp, tmp, None
+
+    def at(self, path: Path) -> Path:
+        self.path = path
+        return path
+
+    def fail(self, exc: BaseException) -> None:
+        try:
+            free_bytes = shutil.disk_usage(self.tmp.parent).free
+            free = f"{free_bytes / 2**20:.0f} MiB free there"
+        except OSError:
+            free_bytes, free = None, "free space unknown"
+        # torch.save says "unexpected pos ..." when the disk fills: say what it means
+        full = "the disk is full: " if free_bytes is not None and free_bytes < 2**20 else ""
+        self.error = f"writing {self.path} failed ({full}{first_line(exc)}; {free})"
+
+
+def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str], rank: int,
+                      streams: BranchStreams | None, writing: _Writing) -> dict[str, dict[str, Any]]:
+    """This rank's files: its branches' weights and optimiser state (group leaders), DeepSpeed
+    shards, its RNG state; returns their records (hashed right after writing: from the page cache)."""
     written: list[str] = []
     for branch in branches:
         if branch.name not in leaders:
             continue
         folder = tmp / branch.name
         folder.mkdir(exist_ok=True)
-        save_model(branch.model, str(folder / "model.safetensors"))
+        save_model(branch.model, str(writing.at(folder / "model.safetensors")))
         written.append(f"{branch.name}/model.safetensors")
         for filename, payload in branch.state_files().items():
-            torch.save(payload, folder / filename)
+            torch.save(payload, writing.at(folder / filename))
             written.append(f"{branch.name}/{filename}")
     for branch in branches:
         if branch.engine is not None:  # every rank of the group writes its ZeRO shard
-            branch.engine.save_checkpoint(str(tmp / branch.name / "deepspeed"), tag="state")
+            branch.engine.save_checkpoint(str(writing.at(tmp / branch.name / "deepspeed")), tag="state")
     rng = rng_state()
     if streams is not None:
         rng["branches"] = streams.state_dict()
-    torch.save(rng, tmp / "rng" / f"rank_{rank:05d}.pt")
+    torch.save(rng, writing.at(tmp / "rng" / f"rank_{rank:05d}.pt"))
     written.append(f"rng/rank_{rank:05d}.pt")
-    records = {name: file_record(tmp / name) for name in written}  # right after writing: from the page cache
-    gathered = gather_objects(records)  # collective: every rank has written its files
-    if rank == 0:
-        files = {name: record for part in gathered for name, record in part.items()}
-        state = {"step": step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
-                 "world": world, **placement}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        save_config(cfg, tmp / "config.yaml")
-        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):  # state, config, DeepSpeed's shards
-            files.setdefault(file.relative_to(tmp).as_posix(), file_record(file))
-        digest = write_manifest(tmp, files)
-        (tmp / MARKER).write_text(f"step {step}\nmanifest sha256 {digest}\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+    return {name: file_record(tmp / name) for name in written}
+
+
+def _complete(tmp: Path, final: Path, step: int, position: DataPosition, world: int, cfg: Config,
+              placement: dict[str, Any], gathered: list[Any], writing: _Writing) -> None:
+    """Rank 0: state, config, manifest, then ``COMPLETE`` and the rename that makes it count."""
+    files = {name: record for part, _ in gathered for name, record in part.items()}
+    state = {"step": step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
+             "world": world, **placement}
+    writing.at(tmp / "state.json").write_text(json.dumps(state, indent=2))
+    save_config(cfg, writing.at(tmp / "config.yaml"))
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):  # state, config, DeepSpeed's shards
+        files.setdefault(file.relative_to(tmp).as_posix(), file_record(file))
+    digest = write_manifest(writing.at(tmp), files)
+    writing.at(tmp / MARKER).write_text(f"step {step}\nmanifest sha256 {digest}\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -267,21 +325,54 @@ def _load(path: Path, device: torch.device) -> Any:
         raise CheckpointCorrupt(f"checkpoint file {path}: unreadable ({first_line(exc)})") from None
 
 
-def export_branches(output_dir: str | Path, models: dict[str, nn.Module]) -> Path:
-    """``{output_dir}/export/{S,U}.safetensors`` + ``config.yaml`` (call on one rank per branch)."""
+def export_run(output_dir: str | Path, models: dict[str, nn.Module], cfg: Config, step: int,
+               rank: int, checkpoint: Path | None) -> Path:
+    """Collective: the final export (:func:`export_branches` by each group leader, passed as
+    ``models``; the metadata by rank 0). A write that fails on any rank stops every rank together
+    (:class:`RunStopped`, exit 1) naming the file; the newest checkpoint still holds the weights."""
     folder = Path(output_dir) / "export"
+    writing = _Writing(folder)
+    try:
+        if models:
+            export_branches(output_dir, models, writing)
+    except WRITE_ERRORS as exc:
+        writing.fail(exc)
+    errors = [error for error in gather_objects(writing.error) if error]
+    if rank == 0 and not errors:
+        try:
+            write_export_meta(output_dir, cfg, step, writing)
+        except WRITE_ERRORS as exc:
+            writing.fail(exc)
+            errors.append(writing.error)
+    errors = gather_objects(errors)[0]
+    if errors:
+        raise RunStopped(f"final export of step {step} not written: {errors[0]}; the weights of that step are in "
+                         f"the checkpoint {checkpoint}", 1, report=rank == 0)
+    return folder
+
+
+def export_branches(output_dir: str | Path, models: dict[str, nn.Module], writing: _Writing | None = None) -> Path:
+    """``{output_dir}/export/{S,U}.safetensors`` (call on one rank per branch); each file appears
+    under its name only once complete."""
+    folder = Path(output_dir) / "export"
+    writing = writing or _Writing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
-        tmp = folder / f".{name}.safetensors.tmp"
-        save_model(model, str(tmp))
+        tmp = writing.at(folder / f".{name}.safetensors.tmp")
+        try:
+            save_model(model, str(tmp))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half file would fill what is left of the disk
+            raise
         os.replace(tmp, folder / f"{name}.safetensors")
     return folder
 
 
-def write_export_meta(output_dir: str | Path, cfg: Config, step: int) -> None:
+def write_export_meta(output_dir: str | Path, cfg: Config, step: int, writing: _Writing | None = None) -> None:
     folder = Path(output_dir) / "export"
+    writing = writing or _Writing(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "config.yaml")
-    (folder / "state.json").write_text(json.dumps({"step": step}))
-    write_manifest(folder, {p.name: file_record(p) for p in sorted(folder.iterdir())
-                            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")})
+    save_config(cfg, writing.at(folder / "config.yaml"))
+    writing.at(folder / "state.json").write_text(json.dumps({"step": step}))
+    write_manifest(writing.at(folder), {p.name: file_record(p) for p in sorted(folder.iterdir())
+                                        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")})

@@ -115,6 +115,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+class RunStopped(Exception):
+    """An error that every rank raises together, after agreeing on it: the launcher's command
+    prints ``message`` once (``report`` is true on rank 0 only) and exits with ``code``."""
+
+    def __init__(self, message: str, code: int, report: bool) -> None:
+        super().__init__(message)
+        self.message, self.code, self.report = message, code, report
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (on every rank); a list of one when not distributed."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

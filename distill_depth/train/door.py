@@ -16,15 +16,9 @@ from pathlib import Path
 from distill_depth.config import Config, ConfigError
 from distill_depth.data.shard_reader import ShardError, resolve_shards
 from distill_depth.train.checkpoint import CheckpointError, resolve_resume
+from distill_depth.train.distributed import RunStopped
 
-
-class RunStopped(Exception):
-    """An error that every rank raises together, after agreeing on it: the launcher's command
-    prints ``message`` once (``report`` is true on rank 0 only) and exits with ``code``."""
-
-    def __init__(self, message: str, code: int, report: bool) -> None:
-        super().__init__(message)
-        self.message, self.code, self.report = message, code, report
+__all__ = ["RunStopped", "check_run"]
 
 
 def check_run(cfg: Config) -> Path | None:

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distill_depth.config import Config, save_config
 from distill_depth.topology import Topology, plan_layout
-from distill_depth.train.checkpoint import DataPosition, export_branches, load_checkpoint, save_checkpoint, write_export_meta
-from distill_depth.train.distributed import agree_to_stop, barrier, gather_objects, make_accelerator, wrap_ddp
+from distill_depth.train.checkpoint import DataPosition, export_run, load_checkpoint, save_checkpoint
+from distill_depth.train.distributed import agree_to_stop, gather_objects, make_accelerator, wrap_ddp
 from distill_depth.train.door import RunStopped
 from distill_depth.train.nonfinite import BadSteps, InjectedFault, failure_message, snapshot_buffers
 from distill_depth.train.panels import fixed_panel_batch, log_panels
@@ -331,11 +331,8 @@ class Trainer:
     def export(self) -> None:
         """The final weights: each group leader writes its branch, rank 0 the metadata. Collective."""
         leaders = {n: b.model for n, b in self.branches.items() if self.topology.is_group_leader(n)}
-        if leaders:
-            export_branches(self.out, leaders)
-        barrier()
+        export_run(self.out, leaders, self.cfg, self.step, self.rank, self.checkpoint_path)
         if self.is_main:
-            write_export_meta(self.out, self.cfg, self.step)
             self.tracker.log_export(self.out / "export", self.step)
             log.info("training done at step %d; export in %s", self.step, self.out / "export")
         if self.dump_dir:
