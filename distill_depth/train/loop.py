@@ -83,7 +83,8 @@ class Trainer:
         self.cfg = cfg
         self.stop_request = stop_request
         self._build_placement()
-        resume_from = checked_at_the_door(cfg, self.is_main)
+        resume_from = checked_at_the_door(
+            cfg, self.is_main, self.layout.cell_batch_size(cfg.data.batch_size) * self.layout.n_cells)
         self._write_run_folder()
         self._build_branches(resume_from)
         self._build_stream()

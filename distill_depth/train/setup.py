@@ -29,14 +29,14 @@ BRANCH_SEED_OFFSET = {"S": 0, "U": 1}
 """Each branch is initialised from its own seed, so its initial weights do not depend on placement."""
 
 
-def checked_at_the_door(cfg: Config, is_main: bool) -> Path | None:
+def checked_at_the_door(cfg: Config, is_main: bool, samples_per_step: int | None = None) -> Path | None:
     """Rank 0 checks what the run needs (``door.check_run``) before any model is built; every
     rank gets the verdict, so all stop together (:class:`RunStopped`, exit 2) with one message.
     Returns the verified checkpoint to resume from."""
     verdict: tuple[str | None, str | None] = (None, None)
     if is_main:
         try:
-            found = check_run(cfg)
+            found = check_run(cfg, samples_per_step)
             verdict = (None, None if found is None else str(found))
         except ConfigError as exc:
             verdict = (str(exc), None)

@@ -26,7 +26,7 @@ def _refused(result: subprocess.CompletedProcess, *expected: str) -> None:
         assert text in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("case", ["train_shards", "output_dir", "resume"])
+@pytest.mark.parametrize("case", ["train_shards", "output_dir", "resume", "batch_size"])
 def test_train_refuses_at_the_door(case: str, tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     blocker = tmp_path / "a_file"
@@ -41,9 +41,16 @@ def test_train_refuses_at_the_door(case: str, tiny_shards: Path, tmp_path: Path)
         out = blocker / "run"
         result = _train(*overrides, f"train.output_dir={out}")
         _refused(result, f"train.output_dir={out}", "not writable")
-    else:
+    elif case == "resume":
         result = _train(*overrides, f"train.resume={not_a_checkpoint}")
         _refused(result, f"train.resume={not_a_checkpoint}", "is no checkpoint")
+    else:
+        import json
+
+        samples = json.loads((tiny_shards / "manifest.json").read_text())["num_samples"]
+        result = _train(*overrides, f"data.batch_size={samples + 1}")
+        _refused(result, f"data.batch_size={samples + 1}", f"reads {samples + 1} distinct samples",
+                 f"data.train_shards={tiny_shards} holds {samples}")
     assert not (out / "config.yaml").exists()  # refused before the run folder was set up
     assert "placement:" not in result.stderr  # before the models (logged right after the door)
 
@@ -87,3 +94,21 @@ def test_every_rank_stops_at_the_door_and_only_rank_0_speaks(tiny_shards: Path, 
     assert "Traceback" not in logs[0] + logs[1]
     assert logs[0].count("distill-depth train: data.train_shards=/wrong/path: no such file or folder") == 1
     assert "distill-depth train:" not in logs[1]
+
+
+@pytest.mark.slow
+def test_batch_of_the_whole_run_must_fit_the_shards(tiny_shards: Path, tmp_path: Path) -> None:
+    """On 2 split ranks (1 S + 1 U: one cell) a batch of half the shards fits; in a 2-rank
+    colocated run (two cells, each reading its own batch) the same batch is refused: the step reads
+    more distinct samples than the shards hold."""
+    import json
+
+    samples = json.loads((tiny_shards / "manifest.json").read_text())["num_samples"]
+    batch = samples // 2 + 1
+    out = tmp_path / "run"
+    run = launch(2, tiny_overrides(tiny_shards, out, 1, "train.report_to=none", f"data.batch_size={batch}",
+                                   "topology.mode=colocated"), out)
+    assert run.wait(timeout=120) == [2, 2], run.tail()
+    logs = [log.read_text() for log in run.logs]
+    assert "Traceback" not in logs[0] + logs[1]
+    assert logs[0].count(f"data.batch_size={batch}: one step of this run reads {2 * batch} distinct samples") == 1
