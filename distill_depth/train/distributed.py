@@ -53,6 +53,25 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def init_restarted_group(backend: str, timeout: datetime.timedelta) -> bool:
+    """The default process group of a torchrun round after a restart (``--max-restarts``), over keys
+    of this round only. Returns whether it started the group (accelerate then keeps it).
+
+    torchrun's agent keeps one store for the whole job and torch 2.14's ``env://`` handler no
+    longer prefixes its keys by attempt, so a restarted round reads the dead round's gloo
+    addresses and ``init_process_group`` fails ("connectFullMesh ... Connection refused").
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return False
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"distill_depth/restart_{restart}", store),
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+    return True
+
+
 def make_accelerator(timeout_s: float) -> Any:
     """``Accelerator`` that starts the process group with our backend and timeout."""
     from accelerate import Accelerator
@@ -66,6 +85,8 @@ def make_accelerator(timeout_s: float) -> Any:
     # Mixed precision is applied by the loop (autocast around forward only; losses in fp32),
     # so the accelerator is told "no" and never casts anything itself.
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        init_restarted_group(handler.backend, handler.timeout)
     # A backend handler on a single process makes accelerate skip the group init but query it.
     handlers = [handler] if world > 1 else []
     accelerator = Accelerator(cpu=cpu, mixed_precision="no", kwargs_handlers=handlers)

@@ -78,3 +78,61 @@ def test_dead_rank_makes_the_others_exit_nonzero(tiny_shards: Path, tmp_path: Pa
     code = run.procs[0].wait(timeout=90)
     assert code != 0
     assert time.monotonic() - start < 60
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """``{rank: pid}`` of the training processes torchrun started (read from their environment)."""
+    workers = {}
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e[5:] for e in environ if e.startswith(b"RANK=")]
+        if ranks:
+            workers[int(ranks[0])] = int(child)
+    return workers
+
+
+def test_torchrun_restarts_a_killed_rank_and_resumes_to_the_same_weights(reference_run: ReferenceRun,
+                                                                          tiny_shards: Path, tmp_path: Path) -> None:
+    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed after the checkpoint of step 1; the launcher
+    stops the group and starts it again, the new ranks resume from the newest complete checkpoint
+    and end with the export of the uninterrupted run (``reference_run``: same config, accelerate).
+
+    Without ``distributed.init_restarted_group`` the restarted round reads the dead round's gloo
+    addresses from the agent's store and fails ("connectFullMesh ... Connection refused")."""
+    import subprocess
+    import sys
+
+    from train_procs import REPO, child_env, free_port
+
+    out = tmp_path / "run"
+    out.mkdir()
+    log = tmp_path / "torchrun.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--max-restarts", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "distill_depth.cli", "train",
+               *tiny_overrides(tiny_shards, out, STEPS, "train.report_to=none", "train.ckpt_every=1")]
+    with log.open("w") as handle:
+        launcher = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not (out / "checkpoints" / "step_00000001" / "COMPLETE").is_file():
+                assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(_worker_pids(launcher.pid)[1], signal.SIGKILL)
+            code = launcher.wait(timeout=240)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "resuming from checkpoint step" in text, text[-3000:]
+    resumed_at = int(text.split("resuming from checkpoint step ")[1].split()[0])
+    assert 1 <= resumed_at < STEPS, resumed_at
+    assert reference_run.codes == [0], reference_run.run.tail()
+    for name in ("S", "U"):
+        a = load_file(reference_run.run.out / "export" / f"{name}.safetensors")
+        b = load_file(out / "export" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
