@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         # Every rank agreed on it (a failed check at the door, too many non-finite steps): one line, from rank 0.
         if exc.report:
             print(f"distill-depth train: {exc.message}", file=sys.stderr)
+        tell_the_launcher(f"distill-depth train: {exc.message}")
         sys.stderr.flush()
         if distributed:
             os._exit(exc.code)
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ShardError, TopologyError, CheckpointError, DeepSpeedUnavailable, TrackerError) as exc:
         # A setting that cannot work: say which, without a library traceback.
         print(f"distill-depth train: {exc}", file=sys.stderr)
+        tell_the_launcher(f"distill-depth train: {exc}")
         sys.stderr.flush()
         if distributed:
             os._exit(2)
@@ -90,6 +92,24 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return end_process(code)
+
+
+def tell_the_launcher(line: str) -> None:
+    """Write ``line`` to torchelastic's error file (``TORCHELASTIC_ERROR_FILE``, set by torchrun and
+    ``accelerate launch``), so the launcher's failure report shows it as this rank's error instead
+    of "To enable traceback see ..." (the report itself is the launcher's, printed after ours)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+    except OSError:
+        pass  # the report then falls back to the exit code; our own line was printed already
 
 
 FAST_EXIT_ENV = "DISTILL_DEPTH_FAST_EXIT"

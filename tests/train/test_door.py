@@ -112,3 +112,23 @@ def test_batch_of_the_whole_run_must_fit_the_shards(tiny_shards: Path, tmp_path:
     logs = [log.read_text() for log in run.logs]
     assert "Traceback" not in logs[0] + logs[1]
     assert logs[0].count(f"data.batch_size={batch}: one step of this run reads {2 * batch} distinct samples") == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_report_names_the_door_error(tiny_shards: Path, tmp_path: Path) -> None:
+    """Under ``accelerate launch`` the ranks print one line and no traceback; the launcher's own
+    failure report (torchelastic's ChildFailedError, printed after it) shows that line as each
+    rank's error, not "To enable traceback see ..."."""
+    from train_procs import launch_accelerate
+
+    out = tmp_path / "run"
+    run = launch_accelerate("launch/accelerate/cpu_2proc.yaml",
+                            tiny_overrides(tiny_shards, out, 2, "train.report_to=none", "data.train_shards=/wrong/path"),
+                            out)
+    assert run.wait(timeout=120) != [0], run.tail()
+    text = run.logs[0].read_text()
+    line = "distill-depth train: data.train_shards=/wrong/path: no such file or folder"
+    ours = text.split("ChildFailedError")[0].split("Traceback (most recent call last)")[0]
+    assert ours.count(line) == 1, text[-3000:]
+    assert text.count(f"traceback : {line}") == 2, text[-3000:]
+    assert "To enable traceback" not in text
