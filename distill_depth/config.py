@@ -243,7 +243,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimiser step (DDP synchronises only on the last)."""
     deepspeed: Literal["none", "zero1", "zero2"] = "none"
-    """DeepSpeed ZeRO stage per branch group (GPU only); each group gets its own engine."""
+    """DeepSpeed ZeRO stage per branch group (CUDA, or CPU over gloo); each group gets its own engine
+    over the branch's AdamW and schedule, fp32 weights (``mixed_precision: fp16`` is refused)."""
     log_every: int = 10
     """Steps between scalar logs."""
     image_every: int = 100

@@ -4,6 +4,8 @@ Layout of ``{output_dir}/checkpoints/step_{N:08d}/``::
 
     S/model.safetensors  S/optimizer.pt  S/scheduler.pt  [S/scaler.pt]   (S group's first rank)
     U/...                                                                 (U group's first rank)
+    {S,U}/deepspeed/state/  under ``train.deepspeed``, instead of optimizer/scheduler: every rank of
+                            the group its ZeRO shard, the first rank the engine's model states
     rng/rank_{r:05d}.pt     torch / cuda / numpy / python RNG of every rank + its branches' streams
     state.json              step, data position (epoch, batch in epoch), placement
     config.yaml             the resolved config
@@ -22,7 +24,8 @@ falls back to the next older one on a mismatch or an unreadable file, naming the
 before manifests existed (no ``manifest.json``) still loads, unchecked. Every ``.pt`` file loads
 with ``torch.load(weights_only=True)`` (tensors, numbers, strings, containers; for the RNG files
 of those older checkpoints also exactly numpy's array types): a file carrying any other pickled
-object is refused with :class:`CheckpointCorrupt` and nothing in it runs.
+object is refused with :class:`CheckpointCorrupt` and nothing in it runs (DeepSpeed's files too:
+``deepspeed.load_safely`` gives the engines this loader, ``load_plain``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 # The reading side (layout constants, manifest checks, load_branches) is shared with evaluation
@@ -185,7 +188,7 @@ def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str],
             continue
         folder = tmp / branch.name
         folder.mkdir(exist_ok=True)
-        save_model(branch.model, str(writing.at(folder / "model.safetensors")))
+        save_weights(branch.model, writing.at(folder / "model.safetensors"))
         written.append(f"{branch.name}/model.safetensors")
         for filename, payload in branch.state_files().items():
             torch.save(payload, writing.at(folder / filename))
@@ -280,7 +283,12 @@ def load_checkpoint(
         folder = path / branch.name
         if not (folder / "model.safetensors").is_file():
             raise CheckpointError(f"checkpoint {path} has no branch {branch.name} ({folder}/model.safetensors)")
-        if branch.engine is not None:
+        engine_state = folder / "deepspeed" / "state"
+        if (branch.engine is not None) != engine_state.is_dir():
+            written = "with" if engine_state.is_dir() else "without"
+            raise CheckpointError(f"checkpoint {path}: branch {branch.name} was saved {written} a DeepSpeed engine "
+                                  f"({engine_state}); resume it with the train.deepspeed it was written with")
+        if branch.engine is not None:  # weights, this rank's ZeRO shard, the schedule
             branch.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_lr_scheduler_states=True)
             continue
         load_weights(branch.model, folder / "model.safetensors", device)
@@ -313,9 +321,16 @@ def _numpy_array_types() -> list[Any]:
 
 def _load(path: Path, device: torch.device) -> Any:
     """``torch.load(weights_only=True)``: optimiser/scheduler/scaler state, RNG state."""
+    return load_plain(path, device)
+
+
+def load_plain(path: Path | str, map_location: Any, allowed: tuple[Any, ...] = ()) -> Any:
+    """``torch.load(weights_only=True)`` allowing numpy's array types and the classes ``allowed``
+    (plain data, nothing that runs code); a file with any other pickled object is
+    :class:`CheckpointCorrupt`, and nothing in it runs."""
     try:
-        with torch.serialization.safe_globals(_numpy_array_types()):
-            return torch.load(path, map_location=device, weights_only=True)
+        with torch.serialization.safe_globals([*_numpy_array_types(), *allowed]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f" ({found.group(1)})" if found else ""
@@ -360,12 +375,27 @@ def export_branches(output_dir: str | Path, models: dict[str, nn.Module], writin
     for name, model in models.items():
         tmp = writing.at(folder / f".{name}.safetensors.tmp")
         try:
-            save_model(model, str(tmp))
+            save_weights(model, tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a half file would fill what is left of the disk
             raise
         os.replace(tmp, folder / f"{name}.safetensors")
     return folder
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``model``'s weights as safetensors (``save_model``). Under a ZeRO-1/2 engine every parameter
+    is a view into one flat buffer, which ``save_model`` refuses to write (shared storage that no
+    single tensor covers): then the tensors are written from copies (the same file, no ties lost:
+    the branches tie no weights)."""
+    state = model.state_dict()
+    views: dict[int, set[int]] = {}
+    for tensor in state.values():
+        views.setdefault(tensor.untyped_storage().data_ptr(), set()).add(tensor.data_ptr())
+    if any(len(starts) > 1 for starts in views.values()):
+        save_file({name: tensor.detach().clone() for name, tensor in state.items()}, str(path))
+    else:
+        save_model(model, str(path))
 
 
 def write_export_meta(output_dir: str | Path, cfg: Config, step: int, writing: _Writing | None = None) -> None:

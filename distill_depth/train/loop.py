@@ -125,9 +125,9 @@ class Trainer:
             log.info("placement: %s, world %d, %d cell(s) of 1 S + %d U rank(s); groups %s", layout.mode, self.world,
                      layout.n_cells, layout.ratio, dict(layout.group_ranks))
         if cfg.train.deepspeed != "none":
-            from distill_depth.train.deepspeed import require_deepspeed_device  # noqa: PLC0415
+            from distill_depth.train.deepspeed import prepare_deepspeed  # noqa: PLC0415
 
-            require_deepspeed_device(self.device)
+            prepare_deepspeed(cfg, self.device)
 
     def _build_branches(self, resume_from: Path | None) -> None:
         """Branches (each from its own seed), this rank's RNG streams, resumed or initial weights, DDP."""
@@ -137,16 +137,16 @@ class Trainer:
         self.streams = BranchStreams(cfg.train.seed, {n: self.layout.group_ranks[n].index(rank) for n in self.branches},
                                      device)
         self.lo, self.hi = self.layout.data_slice(rank, cfg.data.batch_size)
+        if resume_from is None:  # before the engines: ZeRO copies the weights into its partitions
+            init_weights(self.branches, cfg, device, self.is_main)
         if cfg.train.deepspeed != "none":
             attach_deepspeed(self.branches, self.topology, cfg, micro_batch=self.hi - self.lo)
         self.step, self.position = 0, DataPosition()
-        if resume_from is not None:
+        if resume_from is not None:  # after the engines: they load their own (sharded) state
             self.step, self.position = load_checkpoint(resume_from, list(self.branches.values()), rank, device,
                                                        self.streams)
             if self.is_main:
                 log.warning("resuming from checkpoint step %d (%s)", self.step, resume_from)
-        else:
-            init_weights(self.branches, cfg, device, self.is_main)
         topology = self.topology
         self.wrapped = {
             n: b.engine if b.engine is not None else wrap_ddp(b.model, topology.groups.get(n), topology.group_size(n), device)
@@ -199,11 +199,12 @@ class Trainer:
         """One optimiser step: ``train.grad_accum`` micro-steps, then each branch's update."""
         buffers = {n: snapshot_buffers(b.model) for n, b in self.branches.items() if b.engine is None}
         step_values: dict[str, list[float]] = defaultdict(list)  # loss terms of the step under way
+        for name, state in self.branches.items():  # before the micro-steps: an engine steps its schedule in the last
+            self.totals[f"{name}/lr"].append(state.scheduler.get_last_lr()[0])
         for micro in range(self.cfg.train.grad_accum):
             self._micro_step(micro, step_values)
         for name, state in self.branches.items():
             t0 = time.perf_counter()
-            self.totals[f"{name}/lr"].append(state.scheduler.get_last_lr()[0])
             if not _optimizer_step(state, self.cfg.optim.grad_clip, self.bad_steps, self.topology.groups.get(name),
                                    self.device, self.step + 1, buffers.get(name)):
                 for key in [k for k in step_values if k.startswith(f"{name}/")]:

@@ -72,18 +72,21 @@ def init_weights(branches: dict[str, BranchState], cfg: Config, device: torch.de
 
 
 def attach_deepspeed(branches: dict[str, BranchState], topology: Topology, cfg: Config, micro_batch: int) -> None:
-    """Give each local branch a DeepSpeed engine over its own group (GPU only)."""
-    from distill_depth.train.deepspeed import GroupMPU, build_engine, deepspeed_config, single_rank_groups  # noqa: PLC0415
+    """Give each local branch a DeepSpeed engine over its own group (after its initial weights:
+    ZeRO copies the parameters into its flat fp32 partitions here)."""
+    from distill_depth.train.deepspeed import (  # noqa: PLC0415
+        GroupMPU, build_engine, deepspeed_config, ensure_process_group, single_rank_groups,
+    )
 
+    ensure_process_group(topology.device)
     self_groups = single_rank_groups(topology.layout.world)
     for name, state in branches.items():
         config = deepspeed_config(cfg, micro_batch, topology.group_size(name))
-        mpu = GroupMPU(topology.groups.get(name), topology.layout.group_ranks[name], self_groups[topology.rank],
-                       topology.rank)
+        group = topology.groups.get(name) or torch.distributed.group.WORLD  # one process: no branch group
+        mpu = GroupMPU(group, topology.layout.group_ranks[name], self_groups[topology.rank], topology.rank)
         state.engine, state.optimizer, state.scheduler = build_engine(
             state.model, state.optimizer, state.scheduler, config, mpu
         )
-        state.scaler = None  # the engine scales fp16 losses itself
 
 
 def stop_before_first_step(step: int, is_main: bool) -> None:

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from train_procs import REFERENCE_STEPS, TINY_HW, ReferenceRun, child_env, launch_accelerate, tiny_overrides
+from train_procs import (
+    FOUR_RANK_OVERRIDES, FOUR_RANK_STEPS, REFERENCE_STEPS, TINY_HW, ReferenceRun, child_env, launch, launch_accelerate,
+    tiny_overrides,
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +33,6 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "train"
 
 
-
-
 @pytest.fixture(scope="session")
 def reference_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
     """One uninterrupted 2-process run (``accelerate launch`` with launch/accelerate/cpu_2proc.yaml,
@@ -44,3 +45,15 @@ def reference_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
                             tiny_overrides(tiny_shards, out, REFERENCE_STEPS, "train.report_to=none"),
                             out, DISTILL_DEPTH_DUMP_DIR=str(dump))
     return ReferenceRun(run, run.wait(), dump)
+
+
+@pytest.fixture(scope="session")
+def four_rank_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """One 4-process DDP run (2 S + 2 U ranks, started the way srun starts tasks: only SLURM_*
+    variables), FOUR_RANK_STEPS steps, exchange and weight dumps; shared by the split test (replicas
+    agree, groups stay apart) and the ZeRO-1 test (the losses and weights ZeRO must give)."""
+    base = tmp_path_factory.mktemp("four_ranks")
+    out, dump = base / "run", base / "dump"
+    run = launch(4, tiny_overrides(tiny_shards, out, FOUR_RANK_STEPS, *FOUR_RANK_OVERRIDES), out, slurm=True,
+                 DISTILL_DEPTH_DUMP_DIR=str(dump))
+    return ReferenceRun(run, run.wait(timeout=300), dump)

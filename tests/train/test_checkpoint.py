@@ -23,6 +23,8 @@ from distill_depth.train.checkpoint import (
 )
 from distill_depth.train.optim import build_optimizer, build_scheduler
 
+from train_procs import RunsCode
+
 
 def _state(name: str, cfg, seed: int) -> BranchState:
     torch.manual_seed(seed)
@@ -135,16 +137,6 @@ def test_resume_path_that_is_no_checkpoint(tmp_path: Path) -> None:
         resolve_resume(str(tmp_path), tmp_path)
 
 
-class _RunsCode:
-    """A pickled object whose unpickling would create ``marker`` (what a hostile checkpoint does)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
     """optimizer.pt replaced by a pickle that runs code, manifest and COMPLETE rewritten to match
     (what an attacker with write access does): refused with an error naming the file; the code
@@ -153,7 +145,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
     newest = complete_checkpoints(out)[-1]
     marker = tmp_path / "pwned"
     hostile = newest / "S" / "optimizer.pt"
-    torch.save({"state": {}, "param_groups": [], "x": _RunsCode(marker)}, hostile)
+    torch.save({"state": {}, "param_groups": [], "x": RunsCode(marker)}, hostile)
     files = json.loads((newest / "manifest.json").read_text())["files"]
     files["S/optimizer.pt"] = file_record(hostile)
     (newest / "COMPLETE").write_text(f"step 4\nmanifest sha256 {write_manifest(newest, files)}\n")

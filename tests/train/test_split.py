@@ -52,15 +52,12 @@ def test_two_ranks_exchange_partner_predictions(reference_run: ReferenceRun, tin
     assert not (out / "wandb").exists() and not (out / "tensorboard").exists()
 
 
-def test_four_ranks_replicas_agree_and_groups_stay_apart(tiny_shards: Path, tmp_path: Path) -> None:
-    """2 S + 2 U ranks (cells {0,1}, {2,3}): each group's replicas hold identical parameters, the
-    two cells read different samples, and no rank ever holds the other group's branch."""
-    dump = tmp_path / "dump"
-    out = tmp_path / "run"
-    # Started the way srun starts tasks: only SLURM_* variables, the trainer derives the rest.
-    run = launch(4, tiny_overrides(tiny_shards, out, 2, "data.batch_size=1"), out, slurm=True,
-                 DISTILL_DEPTH_DUMP_DIR=str(dump))
-    assert run.wait(timeout=300) == [0, 0, 0, 0], run.tail()
+def test_four_ranks_replicas_agree_and_groups_stay_apart(four_rank_run: ReferenceRun) -> None:
+    """2 S + 2 U ranks (cells {0,1}, {2,3}; started as srun starts tasks, only SLURM_* variables):
+    each group's replicas hold identical parameters, the two cells read different samples, and no
+    rank ever holds the other group's branch."""
+    dump = four_rank_run.dump
+    assert four_rank_run.codes == [0, 0, 0, 0], four_rank_run.run.tail()
     weights = {r: _load(dump, f"weights_rank{r}.pt") for r in range(4)}
     assert [set(weights[r]) for r in range(4)] == [{"S"}, {"U"}, {"S"}, {"U"}]
     for a, b, name in ((0, 2, "S"), (1, 3, "U")):

@@ -22,6 +22,10 @@ TINY_HW = (64, 128)
 """Smallest frame the depth decoder takes (its deepest map must be >= 2 pixels high)."""
 REFERENCE_STEPS = 4
 """Steps of the shared uninterrupted 2-process run (``reference_run`` in conftest.py)."""
+FOUR_RANK_STEPS = 2
+FOUR_RANK_OVERRIDES = ("data.batch_size=1", "optim.grad_clip=0.5", "train.grad_accum=2")
+"""Steps and extra overrides of the shared 4-process DDP run (``four_rank_run`` in conftest.py):
+a clip that binds (the gradient norms are 5-8) and accumulation, which the ZeRO-1 run must match."""
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -54,6 +58,16 @@ def loss_terms(metrics: list[dict]) -> dict[int, dict[str, float]]:
         m["step"]: {k: v for k, v in m.items() if k[:2] in ("S/", "U/") and not k.endswith("_s")}
         for m in metrics if "S/loss" in m
     }
+
+
+class RunsCode:
+    """A pickled object whose unpickling would create ``marker`` (what a hostile checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
 
 
 @dataclass
