@@ -185,7 +185,9 @@ def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str],
             continue
         folder = tmp / branch.name
         folder.mkdir(exist_ok=True)
-        save_model(branch.model, str(writing.at(folder / "model.safetensors")))
+        # safetensors refuses non-contiguous tensors (train.channels_last weights); older versions
+        # do not force contiguity by default
+        save_model(branch.model, str(writing.at(folder / "model.safetensors")), force_contiguous=True)
         written.append(f"{branch.name}/model.safetensors")
         for filename, payload in branch.state_files().items():
             torch.save(payload, writing.at(folder / filename))
@@ -360,7 +362,7 @@ def export_branches(output_dir: str | Path, models: dict[str, nn.Module], writin
     for name, model in models.items():
         tmp = writing.at(folder / f".{name}.safetensors.tmp")
         try:
-            save_model(model, str(tmp))
+            save_model(model, str(tmp), force_contiguous=True)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a half file would fill what is left of the disk
             raise
