@@ -39,10 +39,11 @@ from distill_depth.types import Batch, PartnerPrediction, Prediction
 TEMPORAL_SOURCES = ("prev", "next")
 
 
-def network_input(image: Tensor) -> Tensor:
+def network_input(image: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """Non-finite pixels → 0 before a network sees them: one bad pixel would otherwise turn every
-    output (and gradient) of the convolution stack into NaN. The losses mask those pixels out."""
-    return torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+    output (and gradient) of the convolution stack into NaN. The losses mask those pixels out.
+    ``memory_format``: the networks' layout (``train.channels_last``), so no conv converts its input."""
+    return torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0).contiguous(memory_format=memory_format)
 
 
 def labelled_lidar(batch: Batch) -> Tensor:
@@ -63,6 +64,7 @@ class _Branch(nn.Module):
 
     name: str
     distill_direction: str  # the value of ``loss.distill_direction`` that enables this branch's student term
+    memory_format = torch.contiguous_format  # train.channels_last sets it with the weights (train/speed.py)
 
     def __init__(self, cfg: Config, strength: str) -> None:
         super().__init__()
@@ -71,7 +73,7 @@ class _Branch(nn.Module):
         self.depth_net = DepthNet(cfg.model)
 
     def _predict_depth(self, view: AugmentedView, batch: Batch) -> Prediction:
-        disps, confs = self.depth_net(network_input(view.image))
+        disps, confs = self.depth_net(network_input(view.image, self.memory_format))
         depths = [self.depth_net.to_depth(d) for d in disps]
         confs = [c.float() for c in confs]
         canonical, valid = view.to_canonical(torch.cat([depths[0], confs[0]], dim=1))
@@ -103,7 +105,7 @@ class _Branch(nn.Module):
         try:
             for m in norms:
                 m.momentum = 0.0
-            disps, confs = self.depth_net(network_input(batch.image))
+            disps, confs = self.depth_net(network_input(batch.image, self.memory_format))
         finally:
             for m, momentum, count in zip(norms, momenta, tracked):
                 m.momentum = momentum
@@ -194,7 +196,7 @@ class _Branch(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            disps, confs = self.depth_net(network_input(image))
+            disps, confs = self.depth_net(network_input(image, self.memory_format))
             return self.depth_net.to_depth(disps[0]), confs[0].float()
         finally:
             self.train(was_training)
@@ -342,7 +344,8 @@ class SelfSupervisedBranch(_Branch):
             if name == "stereo":
                 poses[name] = view.stereo_T.float()
             else:
-                axis_angle, translation = self.pose_net(network_input(view.image), network_input(view.sources[name]))
+                axis_angle, translation = self.pose_net(network_input(view.image, self.memory_format),
+                                                          network_input(view.sources[name], self.memory_format))
                 poses[name] = pose_from_axis_angle(axis_angle.float(), translation.float())
         prediction.extras["poses"] = poses
         return prediction

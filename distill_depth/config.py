@@ -277,6 +277,15 @@ class TrainConfig:
     """Non-finite steps in a row (loss, a loss term or a gradient not finite on some rank of a
     branch; each one skips that branch's optimiser update) after which the run checkpoints the last
     good state and stops with an error naming the branch and the term that went non-finite first."""
+    channels_last: bool = False
+    """The networks (depth nets, pose net) and their input images in channels-last memory layout,
+    the one GPU tensor cores prefer (with ``mixed_precision``); on a CPU it measured no faster. The
+    same computation to rounding; checkpoints and exports are written in the usual layout."""
+    compile: bool = False
+    """``torch.compile`` (inductor) of each network (depth nets, pose net; not augmentation or
+    losses), in place, before DDP wraps the branch: parameter names in checkpoints and exports do
+    not change. The first step compiles (minutes on a CPU, which needs a C++ compiler); eval mode
+    (validation) and new input shapes compile once more."""
 
 
 @dataclass

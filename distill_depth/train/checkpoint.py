@@ -393,9 +393,11 @@ def save_weights(model: nn.Module, path: Path) -> None:
     for tensor in state.values():
         views.setdefault(tensor.untyped_storage().data_ptr(), set()).add(tensor.data_ptr())
     if any(len(starts) > 1 for starts in views.values()):
-        save_file({name: tensor.detach().clone() for name, tensor in state.items()}, str(path))
+        save_file({name: tensor.detach().clone().contiguous() for name, tensor in state.items()}, str(path))
     else:
-        save_model(model, str(path))
+        # safetensors refuses non-contiguous tensors (train.channels_last weights); older versions
+        # do not force contiguity by default
+        save_model(model, str(path), force_contiguous=True)
 
 
 def write_export_meta(output_dir: str | Path, cfg: Config, step: int, writing: _Writing | None = None) -> None:

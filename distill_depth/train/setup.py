@@ -21,6 +21,7 @@ from distill_depth.train.door import RunStopped, check_run
 from distill_depth.train.optim import build_optimizer, build_scheduler
 from distill_depth.train.rng import seed_everything
 from distill_depth.train.signals import requeue_if_slurm
+from distill_depth.train.speed import apply_speed_switches
 from distill_depth.train.tracking import colorize
 
 log = logging.getLogger("distill_depth.train")
@@ -53,7 +54,8 @@ def build_branch_states(cfg: Config, roles: tuple[str, ...] | list[str], device:
     branches: dict[str, BranchState] = {}
     for name in roles:
         seed_everything(cfg.train.seed + BRANCH_SEED_OFFSET[name])
-        model = build_branch(name, cfg).to(device)
+        # speed switches before the optimiser (it holds the parameters) and before DDP wraps it
+        model = apply_speed_switches(build_branch(name, cfg).to(device), cfg.train)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
         scaler = torch.amp.GradScaler(device.type) if cfg.train.mixed_precision == "fp16" else None

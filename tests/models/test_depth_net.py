@@ -1,16 +1,22 @@
-"""DepthNet / PoseNet: output shapes per scale, disparity→depth, weight loading from local files."""
+"""DepthNet / PoseNet: output shapes per scale, disparity→depth, weight loading from local files, the
+compilable replicate padding."""
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from distill_depth.config import ModelConfig
 from distill_depth.models import DepthNet, PoseNet, WeightsError, depth_to_disp, disp_to_depth
+from distill_depth.models.depth_net import ReplicateConv2d, replicate_pad1_by_cat
 
 H, W = 64, 192
 
@@ -103,3 +109,90 @@ def test_pose_net_starts_at_the_identity_and_scales_translation() -> None:
     torch.testing.assert_close(outputs[0.01][1], outputs[1.0][1] * 0.01)
     torch.testing.assert_close(outputs[0.01][0], outputs[1.0][0])
     assert outputs[1.0][1].abs().max() > 100 * outputs[1.0][0].abs().max() / 2
+
+
+# --- replicate padding that compiles --------------------------------------------------------------
+
+
+def _padding_mode_conv(conv: ReplicateConv2d) -> nn.Conv2d:
+    """The decoder's convolution before ReplicateConv2d, with ``conv``'s weights."""
+    old = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, padding_mode="replicate")
+    old.load_state_dict(conv.state_dict())
+    return old
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 5, 1, 6)])  # 1-pixel-high maps occur in the decoder
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_replicate_pad_by_cat_equals_f_pad(shape: tuple[int, ...], channels_last: bool) -> None:
+    """The padding compiled code uses: the same values, and the same input gradient to rounding."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    upstream = torch.randn(*shape[:2], shape[2] + 2, shape[3] + 2)
+    grads = []
+    for pad in (lambda t: F.pad(t, (1, 1, 1, 1), mode="replicate"), replicate_pad1_by_cat):
+        inp = x.clone().requires_grad_(True)
+        out = pad(inp)
+        out.backward(upstream)
+        grads.append((out, inp.grad))
+    assert torch.equal(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_replicate_conv_equals_the_padding_mode_conv(channels_last: bool) -> None:
+    """Forward and every gradient (input, weight, bias) of the old module, same weights."""
+    torch.manual_seed(0)
+    new = ReplicateConv2d(5, 7)
+    old = _padding_mode_conv(new)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 6, 11).contiguous(memory_format=layout)
+    upstream = torch.randn(2, 7, 6, 11)
+    results = []
+    for conv in (old, new):
+        inp = x.clone().requires_grad_(True)
+        out = conv(inp)
+        out.backward(upstream)
+        results.append((out, inp.grad, conv.weight.grad, conv.bias.grad))
+    for reference, value in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_depth_net_loads_the_weights_of_padding_mode_convs() -> None:
+    """A checkpoint of the network before ReplicateConv2d has the same keys: it loads strictly and
+    gives the same outputs."""
+    torch.manual_seed(0)
+    net = DepthNet(ModelConfig(num_scales=2)).eval()
+    old = copy.deepcopy(net)
+    replaced = 0
+    for name, module in list(old.named_modules()):
+        if isinstance(module, ReplicateConv2d):
+            parent, _, child = name.rpartition(".")
+            setattr(old.get_submodule(parent), child, _padding_mode_conv(module))
+            replaced += 1
+    assert replaced > 10 and not any(isinstance(m, ReplicateConv2d) for m in old.modules())
+    net.load_state_dict(old.state_dict(), strict=True)
+    image = torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        for reference, value in zip(*(sum(model(image), []) for model in (old, net))):
+            torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+def test_replicate_conv_compiles_with_inductor() -> None:
+    """The blocker of ``train.compile``: inductor (torch 2.14, CPU) failed on the backward of one
+    ``padding_mode="replicate"`` conv alone (a stride assertion in ``replication_pad2d_backward``).
+    Compiled gradients equal eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stack = ReplicateConv2d(3, 4)
+    compiled = copy.deepcopy(stack)
+    compiled.compile(backend="inductor")
+    x = torch.rand(1, 3, 16, 24)
+    results = []
+    for model in (stack, compiled):
+        inp = x.clone().requires_grad_(True)
+        model(inp).square().mean().backward()
+        results.append([inp.grad] + [p.grad for p in model.parameters()])
+    for reference, value in zip(*results):
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
