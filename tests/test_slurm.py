@@ -5,7 +5,12 @@ one, U on the other) on the bundled shards (batch size 1, a few steps). Preempti
 warning signal to the batch shell (``scancel -b -s USR2``, what ``--signal=B:USR2@N`` does at the
 deadline), a real ``scontrol requeue`` and a real restart of the same job id.
 
-Needs root (installing and starting the daemons); skipped with the reason otherwise.
+Also a real two-node cluster (``SLURM_CI_NODES=2``): two slurmd, each in its own network
+namespace with its own address, so multinode.sbatch's ranks (S on n1, U on n2) rendezvous and
+exchange gradients over a network between the namespaces.
+
+Needs root (installing and starting the daemons); skipped with the reason otherwise (the two-node
+test also without ``ip``/``nsenter``/``unshare`` or network namespaces).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,12 +88,14 @@ class Job:
         self.run_dir, self.log = run_dir, log
         cmd = ["sbatch", "--parsable", f"--output={log}", *sbatch_args, str(script), *_overrides(shards), *extra]
         env = {**_job_env(), "DD_RUN_DIR": str(run_dir), **(env or {})}
+        # The clients of this job's cluster (SLURM_CONF: the two-node cluster's config).
+        self.client_env = {**os.environ, "SLURM_CONF": env["SLURM_CONF"]} if "SLURM_CONF" in env else None
         result = _run(cmd, cwd=REPO, env=env)
         assert result.returncode == 0, f"sbatch failed: {result.stderr}"
         self.id = result.stdout.strip().split(";")[0]
 
     def info(self) -> dict[str, str]:
-        text = _run(["scontrol", "show", "job", "-o", self.id]).stdout
+        text = _run(["scontrol", "show", "job", "-o", self.id], env=self.client_env).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
     def text(self) -> str:
@@ -113,8 +120,11 @@ class Job:
                 raise AssertionError(f"{path} never appeared: {self.describe()}")
             time.sleep(0.5)
 
+    def scancel(self, *args: str) -> subprocess.CompletedProcess:
+        return _run(["scancel", *args, self.id], env=self.client_env)
+
     def cancel(self) -> None:
-        _run(["scancel", self.id])
+        self.scancel()
 
 
 def _rank_pid(job_id: str, rank: int) -> int:
@@ -183,21 +193,22 @@ def test_two_cpu_tasks_train_s_and_u_to_completion(uninterrupted) -> None:
     assert set(models) == {"S", "U"} and cfg.train.max_steps == MAX_STEPS
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes_to_identical_weights(
-    uninterrupted, bundled_shards: Path, tmp_path: Path
-) -> None:
-    reference, _ = uninterrupted
-    # Also tracked by W&B (offline): both starts must log into the same run id.
-    job = Job(TRAIN_SBATCH, tmp_path / "run", tmp_path / "job.log", bundled_shards, ("--ntasks=2",),
-              ("train.report_to=wandb",), {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+def _preempt(job: Job, while_running: Callable[[], None] = lambda: None) -> dict[str, str]:
+    """After the first complete checkpoint (and ``while_running()``): what --signal=B:USR2@N does at
+    the deadline (USR2 to the batch shell only); wait until the requeued job has finished."""
     try:
         job.wait_file(job.run_dir / "checkpoints" / f"step_{CKPT_EVERY:08d}" / "COMPLETE", timeout=240)
-        # What --signal=B:USR2@N does at the deadline: USR2 to the batch shell only.
-        signalled = _run(["scancel", "-b", "-s", "USR2", job.id])
+        while_running()
+        signalled = job.scancel("-b", "-s", "USR2")
         assert signalled.returncode == 0, signalled.stderr
-        info = job.wait_done(timeout=360)
+        return job.wait_done(timeout=360)
     finally:
         job.cancel()
+
+
+def _assert_preempted_and_resumed(job: Job, info: dict[str, str], reference: Job, nodes: str) -> None:
+    """One checkpoint on the warning signal, one requeue, one resume from it, and final weights
+    equal to those of the uninterrupted ``reference`` run, bit for bit."""
     log = job.text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.describe()
     assert info["Restarts"] == "1", job.describe()
@@ -207,16 +218,27 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_identical_weights(
     assert stopped and resumed, job.describe()
     assert CKPT_EVERY <= int(stopped.group(1)) == int(resumed.group(1)) < MAX_STEPS, job.describe()
     assert Path(resumed.group(2)) == job.run_dir / "checkpoints" / f"step_{int(stopped.group(1)):08d}"
-    assert "(restart 1) on localhost: 2 tasks" in log
+    assert f"(restart 1) on {nodes}: 2 tasks" in log, job.describe()
     assert f"training done at step {MAX_STEPS}" in log, job.describe()
-    wandb_runs = sorted((job.run_dir / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2, f"expected one offline W&B run folder per start, got {wandb_runs}"
-    assert len({path.name.rsplit("-", 1)[1] for path in wandb_runs}) == 1, f"W&B run id changed: {wandb_runs}"
     expected, got = _export(reference.run_dir), _export(job.run_dir)
     for name in ("S", "U"):
         assert expected[name].keys() == got[name].keys()
         differing = [k for k in expected[name] if not bool((expected[name][k] == got[name][k]).all())]
         assert not differing, f"branch {name}: {len(differing)} tensors differ from the uninterrupted run, e.g. {differing[:3]}"
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes_to_identical_weights(
+    uninterrupted, bundled_shards: Path, tmp_path: Path
+) -> None:
+    reference, _ = uninterrupted
+    # Also tracked by W&B (offline): both starts must log into the same run id.
+    job = Job(TRAIN_SBATCH, tmp_path / "run", tmp_path / "job.log", bundled_shards, ("--ntasks=2",),
+              ("train.report_to=wandb",), {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    info = _preempt(job)
+    _assert_preempted_and_resumed(job, info, reference, "localhost")
+    wandb_runs = sorted((job.run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2, f"expected one offline W&B run folder per start, got {wandb_runs}"
+    assert len({path.name.rsplit("-", 1)[1] for path in wandb_runs}) == 1, f"W&B run id changed: {wandb_runs}"
 
 
 def test_hard_killed_rank_fails_the_job_fast_and_keeps_the_checkpoint(
@@ -260,3 +282,71 @@ def test_hard_killed_rank_fails_the_job_fast_and_keeps_the_checkpoint(
         saved = load_file(str(newest / name / "model.safetensors"))
         state = model.state_dict()
         assert all(bool((state[k] == v).all()) for k, v in saved.items()), name
+
+
+# --- two nodes: scripts/slurm-test-cluster.sh with SLURM_CI_NODES=2 ---------------------------------
+# Nodes n1 (10.77.0.1) and n2 (10.77.0.2): each a slurmd in its own network namespace, so the
+# ranks that slurmd starts can only reach each other over the namespaces' bridge, as on two machines.
+TWO_NODES_DIR = Path("/tmp/slurm-ci-2n")
+
+
+def _cluster2(command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLURM_CI_NODES": "2", "SLURM_CI_DIR": str(TWO_NODES_DIR), "SLURM_CI_FAKE_GPUS": "1"}
+    return _run(["bash", str(CLUSTER), command], timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(slurm_cluster: None) -> Iterator[str]:
+    """The two-node test cluster, started here and always stopped again (daemons, namespaces,
+    bridge), also when a test fails. Yields its SLURM_CONF."""
+    missing = [tool for tool in ("ip", "nsenter", "unshare") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the two-node SLURM cluster needs {', '.join(missing)} (iproute2, util-linux)")
+    probe = f"dd-probe-{os.getpid()}"
+    made = _run(["ip", "netns", "add", probe])
+    _run(["ip", "netns", "del", probe])
+    if made.returncode != 0:
+        pytest.skip(f"no network namespaces here (`ip netns add` failed: {made.stderr.strip()})")
+    if "slurmctld: running" in _cluster2("status").stdout:
+        pytest.skip(f"a two-node test cluster already runs (state in {TWO_NODES_DIR}); stop it first with "
+                    "`SLURM_CI_NODES=2 scripts/slurm-test-cluster.sh down`")
+    try:
+        up = _cluster2("up")
+        assert up.returncode == 0, f"two-node slurm-test-cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+        yield str(TWO_NODES_DIR / "etc" / "slurm.conf")
+    finally:
+        down = _cluster2("down")
+        assert down.returncode == 0, f"two-node slurm-test-cluster.sh down failed:\n{down.stdout}\n{down.stderr}"
+
+
+def _netns_inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def test_two_nodes_s_on_one_u_on_the_other_preempted_requeued_resumed_to_identical_weights(
+    slurm_two_nodes: str, uninterrupted, bundled_shards: Path, tmp_path: Path
+) -> None:
+    """multinode.sbatch, 2 nodes x 1 task: rank 0 (S) on n1, rank 1 (U) on n2, rendezvous and gloo
+    traffic between the two network namespaces; warning signal, requeue, resume; the final
+    weights equal the single-node uninterrupted run's bit for bit."""
+    reference, _ = uninterrupted
+    nodes = _run(["sinfo", "-h", "-N", "-o", "%N %T"], env={**os.environ, "SLURM_CONF": slurm_two_nodes}).stdout
+    assert nodes.split() == ["n1", "idle", "n2", "idle"], nodes
+    sbatch_args = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=1")
+    job = Job(MULTINODE_SBATCH, tmp_path / "run", tmp_path / "job.log", bundled_shards, sbatch_args,
+              env={"SLURM_CONF": slurm_two_nodes})
+
+    def ranks_on_their_nodes() -> None:
+        for rank, node in ((0, "n1"), (1, "n2")):
+            pid = _rank_pid(job.id, rank)
+            environ = (Path(f"/proc/{pid}") / "environ").read_bytes().split(b"\0")
+            assert f"SLURMD_NODENAME={node}".encode() in environ, f"rank {rank} is not on {node}"
+            # The trainer process lives in the node's network namespace (its own address).
+            assert _netns_inode(f"/proc/{pid}/ns/net") == _netns_inode(f"/run/netns/dd-{node}"), (
+                f"rank {rank} (pid {pid}) is not in the network namespace of {node}")
+
+    info = _preempt(job, ranks_on_their_nodes)
+    _assert_preempted_and_resumed(job, info, reference, "n[1-2]")
+    log = job.text()
+    assert "(restart 0) on n[1-2]: 2 tasks, rendezvous n1:" in log, job.describe()
+    assert re.search(r"groups \{'S': \(0,\), 'U': \(1,\)\}", log), job.describe()
