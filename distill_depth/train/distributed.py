@@ -120,11 +120,16 @@ def agree_to_stop(local_stop: bool, device: torch.device) -> bool:
 
 def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
     """True on every rank of ``group`` (default: the world) when ``flag`` is true on any of them."""
+    return any_rank_each([flag], device, group)[0]
+
+
+def any_rank_each(flags: list[bool], device: torch.device, group: dist.ProcessGroup | None = None) -> list[bool]:
+    """:func:`any_rank` for several flags in one all-reduce."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item() > 0)
+    return [bool(v > 0) for v in value.tolist()]
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -39,7 +39,7 @@ from distill_depth.train.setup import (
     log_images, progress_bar, reduce_scalars, stop_before_first_step,
 )
 from distill_depth.train.signals import StopRequest, Watchdog, requeue_if_slurm, shield_data_workers
-from distill_depth.train.step import BatchSource, autocast_factory, backward, dump_exchange
+from distill_depth.train.step import BatchSource, StepOutcome, autocast_factory, backward, dump_exchange
 from distill_depth.train.step import optimizer_step as _optimizer_step
 from distill_depth.train.tracking import build_tracker
 from distill_depth.train.validate import validate
@@ -205,10 +205,12 @@ class Trainer:
             self._micro_step(micro, step_values)
         for name, state in self.branches.items():
             t0 = time.perf_counter()
-            if not _optimizer_step(state, self.cfg.optim.grad_clip, self.bad_steps, self.topology.groups.get(name),
-                                   self.device, self.step + 1, buffers.get(name)):
+            outcome = _optimizer_step(state, self.cfg.optim.grad_clip, self.bad_steps, self.topology.groups.get(name),
+                                      self.device, self.step + 1, buffers.get(name))
+            if outcome is not StepOutcome.NON_FINITE:
                 for key in [k for k in step_values if k.startswith(f"{name}/")]:
                     self.totals[key].extend(step_values.pop(key))
+            self.totals[f"{name}/no_gradient_share"].append(float(outcome is StepOutcome.NO_GRADIENT))
             self.totals[f"{name}/compute_s"][-1] += time.perf_counter() - t0
         # a skipped step's (non-finite) values stay out of the means: step_values is dropped here
         self.step += 1

@@ -6,6 +6,8 @@ verdict common, so the branch's replicas stay identical. A bad step skips the br
 update (the fp16 grad scaler backs off its scale instead) and puts back the buffers (BatchNorm
 statistics) its forward passes moved; the step counter and the learning-rate schedule go on.
 ``{branch}/skipped_steps`` in the scalar log counts the skipped steps since the previous log row.
+A step whose gradient is exactly zero on every rank (nothing to learn from) is skipped too, but is
+not bad: ``{branch}/no_gradient_share`` logs its share (see ``train/step.py``).
 
 After ``train.max_bad_steps`` bad steps in a row the run writes a checkpoint — its weights,
 buffers and optimiser state are the last good ones, since bad steps changed none of them; its data
@@ -87,10 +89,11 @@ def first_nonfinite(values: dict[str, float]) -> str | None:
     return next((name for name in order if not math.isfinite(values[name])), None)
 
 
-def grads_finite(model: nn.Module) -> bool:
-    """Every gradient of ``model`` is finite (one norm over all of them)."""
+def grad_norm(model: nn.Module) -> float:
+    """The 2-norm over every gradient of ``model`` (0.0 when none has one; inf or nan when one is
+    not finite)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -124,9 +127,10 @@ class BadSteps:
         if branch in self.pending and self.pending[branch] is None:
             self.pending[branch] = first_nonfinite(values)
 
-    def local_verdict(self, branch: str, model: nn.Module) -> bool:
-        """This rank's verdict on the step under way: a term or a gradient went non-finite."""
-        if self.pending[branch] is None and not grads_finite(model):
+    def local_verdict(self, branch: str, norm: float) -> bool:
+        """This rank's verdict on the step under way, given its gradient's :func:`grad_norm`: a
+        term or a gradient went non-finite."""
+        if self.pending[branch] is None and not math.isfinite(norm):
             self.pending[branch] = "gradient"
         return self.pending[branch] is not None
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from distill_depth.config import ConfigError
 from distill_depth.train.checkpoint import checkpoint_dir, complete_checkpoints, verify_checkpoint
 from distill_depth.train.nonfinite import FAULT_ENV, BadSteps, InjectedFault, failure_message, first_nonfinite
+from distill_depth.train.step import StepOutcome
 
 from train_procs import REPO, child_env, launch, tiny_overrides
 
@@ -121,6 +122,7 @@ def _agree_worker(rank: int, world: int, store: str, queue) -> None:  # pragma: 
     from distill_depth.topology import Topology, plan_layout
     from distill_depth.train.checkpoint import BranchState
     from distill_depth.train.loop import _optimizer_step
+    from distill_depth.train.step import StepOutcome
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -136,7 +138,8 @@ def _agree_worker(rank: int, world: int, store: str, queue) -> None:  # pragma: 
         bad = BadSteps([name], limit=5)
         # Rank 2 alone saw a non-finite loss term (a diagnostic one: its gradients stay finite).
         bad.see(name, {"loss": 1.0, "conf_mean": math.nan if rank == 2 else 0.5})
-        skipped = _optimizer_step(state, None, bad, topo.groups.get(name), torch.device("cpu"), 1, buffers)
+        outcome = _optimizer_step(state, None, bad, topo.groups.get(name), torch.device("cpu"), 1, buffers)
+        skipped = outcome is StepOutcome.NON_FINITE
         unchanged = all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
         queue.put((rank, (skipped, unchanged)))
     finally:
@@ -166,8 +169,8 @@ def test_fp16_scaler_backs_off_on_a_skipped_step() -> None:
     before = model.weight.detach().clone()
     bad = BadSteps(["S"], limit=3)
     scaler.scale(model(torch.full((1, 3), math.inf)).sum()).backward()
-    assert _optimizer_step(state, 1.0, bad, None, torch.device("cpu"), 1, []) is True
+    assert _optimizer_step(state, 1.0, bad, None, torch.device("cpu"), 1, []) is StepOutcome.NON_FINITE
     assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0 and bad.streak["S"] == (1, "gradient")
     scaler.scale(model(torch.ones(1, 3)).sum()).backward()
-    assert _optimizer_step(state, 1.0, bad, None, torch.device("cpu"), 2, []) is False
+    assert _optimizer_step(state, 1.0, bad, None, torch.device("cpu"), 2, []) is StepOutcome.STEPPED
     assert not torch.equal(model.weight, before) and bad.in_a_row["S"] == 0
