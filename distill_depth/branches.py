@@ -37,6 +37,8 @@ from distill_depth.models import DepthNet, PoseNet
 from distill_depth.types import Batch, PartnerPrediction, Prediction
 
 TEMPORAL_SOURCES = ("prev", "next")
+PARTNER = {"S": ("U", "u_from_s"), "U": ("S", "s_from_u")}
+"""Branch → (its partner, the ``loss.distill_direction`` value under which the partner learns from it)."""
 
 
 def network_input(image: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
@@ -80,7 +82,7 @@ class _Branch(nn.Module):
         canonical_depth = canonical[:, :1]
         if view.depth_to_canonical is not None:
             canonical_depth = canonical_depth * view.depth_to_canonical.view(-1, 1, 1, 1)
-        teacher = self._clean_teacher(batch) if self.training and self.cfg.loss.teacher_view == "clean" else None
+        teacher = self._clean_teacher(batch) if self.training and self._teaches_clean() else None
         return Prediction(
             depth=depths,
             confidence=confs,
@@ -91,6 +93,14 @@ class _Branch(nn.Module):
             extras={"view": view, "disp": disps},
             teacher=teacher,
         )
+
+    def _teaches_clean(self) -> bool:
+        """``loss.teacher_view: clean`` and a partner branch in this run that learns from this one
+        (a single-branch run, or a one-way run's teacher-less side, skips the extra pass)."""
+        partner, partner_learns = PARTNER[self.name]
+        loss = self.cfg.loss
+        return (loss.teacher_view == "clean" and partner in self.cfg.branches
+                and loss.distill_direction in ("both", partner_learns))
 
     @torch.no_grad()
     def _clean_teacher(self, batch: Batch) -> tuple[Tensor, Tensor]:

@@ -423,6 +423,24 @@ def test_clean_teacher_view_sends_the_unaugmented_prediction(batch: Batch) -> No
     assert own_branch(batch).teacher is None
 
 
+@pytest.mark.parametrize(("branches", "direction", "sends_clean"), [
+    (["S", "U"], "both", {"S": True, "U": True}),
+    (["S", "U"], "s_from_u", {"S": False, "U": True}),  # one-way: only U teaches
+    (["S", "U"], "none", {"S": False, "U": False}),
+    (["S"], "both", {"S": False}),  # a single-branch run has nobody to teach
+    (["U"], "both", {"U": False}),
+])
+def test_the_clean_teacher_pass_runs_only_for_a_partner_that_learns_from_it(
+        batch: Batch, branches: list[str], direction: str, sends_clean: dict[str, bool]) -> None:
+    """The extra no-grad pass of teacher_view=clean costs a forward pass per step: it is made only
+    when the run has the partner branch and ``loss.distill_direction`` makes it learn."""
+    cfg = Config()
+    cfg.branches, cfg.loss.teacher_view, cfg.loss.distill_direction = branches, "clean", direction
+    for name, expected in sends_clean.items():
+        torch.manual_seed(0)
+        assert (build_branch(name, cfg).train()(batch).teacher is not None) == expected, name
+
+
 def test_u_confidence_on_all_pixels_trains_it_where_automasking_drops_them() -> None:
     """u_confidence_pixels=all: on a batch whose sources equal the target (a static camera), auto-
     masking drops every pixel. With ``kept`` U's confidence gets no gradient at all; with ``all``
