@@ -271,7 +271,7 @@ OURS = {"ours U": ["branches=[U]"], "ours S": ["branches=[S]"], "ours S+U": []}
 
 def our_overrides(args: argparse.Namespace) -> list[str]:
     return ["model.encoder=resnet18", "model.pose_encoder=resnet18", "model.pretrained=none", "model.num_scales=4",
-            "data.u_sources=temporal", f"data.batch_size={args.batch_size}", "data.num_workers=0"]
+            "data.u_sources=temporal", f"data.batch_size={args.batch_size}", "data.num_workers=0", *args.overrides]
 
 
 def compare(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -311,7 +311,8 @@ def compare(args: argparse.Namespace) -> dict[str, list[float]]:
 def report(times: dict[str, list[float]], args: argparse.Namespace) -> None:
     print(f"\n{args.width}x{args.height}, batch {args.batch_size}, ResNet-18 from scratch, 4 scales, frames t-1/t+1, "
           f"{args.device}, {args.threads} thread(s), {os.cpu_count()} cores; median of {args.steps} steps after "
-          f"{args.warmup} (alternating), frames: {args.data}\n")
+          f"{args.warmup} (alternating), frames: {args.data}"
+          + (f"; ours with {' '.join(args.overrides)}" if args.overrides else "") + "\n")
     base = statistics.median(times["Monodepth2"]) if "Monodepth2" in times else None
     print(f"{'':12}{'median s/step':>15}{'min s/step':>12}{'samples/s':>11}{'ours/Monodepth2':>17}")
     for label, values in times.items():
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for our three trainers (repeatable), e.g. --set train.channels_last=true")
     args = parser.parse_args(argv)
     if not args.monodepth2 and not args.ours_only:
         print(HOW_TO_GET)

@@ -15,8 +15,10 @@ def test_without_a_checkout_prints_how_to_get_one_and_exits_0(run_benchmark) -> 
 
 
 def test_ours_only_tiny_run_prints_our_three_rows(run_benchmark) -> None:
-    out = run_benchmark("vs_monodepth2.py", "--ours-only", *TINY, "--steps", "1", "--warmup", "0")
+    out = run_benchmark("vs_monodepth2.py", "--ours-only", *TINY, "--steps", "1", "--warmup", "0",
+                        "--set", "train.channels_last=true")
     assert out.returncode == 0, out.stderr
+    assert "ours with train.channels_last=true" in out.stdout  # a switch under test is named in the header
     rows = [line.split()[:2] for line in out.stdout.splitlines()]
     assert [["ours", "U"], ["ours", "S"], ["ours", "S+U"]] == [r for r in rows if r[:1] == ["ours"]], out.stdout
 
