@@ -30,6 +30,7 @@ object is refused with :class:`CheckpointCorrupt` and nothing in it runs (DeepSp
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -173,9 +174,23 @@ class _Writing:
             free = f"{free_bytes / 2**20:.0f} MiB free there"
         except OSError:
             free_bytes, free = None, "free space unknown"
-        # torch.save says "unexpected pos ..." when the disk fills: say what it means
-        full = "the disk is full: " if free_bytes is not None and free_bytes < 2**20 else ""
+        full = "the disk is full: " if disk_full(exc, free_bytes) else ""
         self.error = f"writing {self.path} failed ({full}{first_line(exc)}; {free})"
+
+
+def disk_full(exc: BaseException, free_bytes: int | None) -> bool:
+    """Did ``exc`` come from a full disk? ENOSPC anywhere in its chain, safetensors' "(os error 28)",
+    or (torch.save only says "unexpected pos ...") less than 1 MiB left. The free space alone is not
+    enough: a write larger than what is left fails with space to spare, and the other ranks'
+    concurrent writes change it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return ("No space left on device" in text or "os error 28" in text
+            or (free_bytes is not None and free_bytes < 2**20))
 
 
 def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str], rank: int,
