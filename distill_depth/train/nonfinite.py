@@ -89,11 +89,11 @@ def first_nonfinite(values: dict[str, float]) -> str | None:
     return next((name for name in order if not math.isfinite(values[name])), None)
 
 
-def grad_norm(model: nn.Module) -> float:
-    """The 2-norm over every gradient of ``model`` (0.0 when none has one; inf or nan when one is
-    not finite)."""
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The 2-norm over every gradient of ``model``, as ``clip_grad_norm_`` computes it (0 when none
+    has one; inf or nan when one is not finite)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:

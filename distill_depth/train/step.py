@@ -108,7 +108,8 @@ def optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadSt
         return StepOutcome.STEPPED  # stepped by the engine inside the micro-step loop
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
-    norm = grad_norm(state.model)
+    total_norm = grad_norm(state.model)
+    norm = float(total_norm)
     bad, learnt = any_rank_each([bad_steps.local_verdict(state.name, norm), norm != 0.0], device, group)
     bad_steps.settle(state.name, bad, step)
     if bad:
@@ -120,8 +121,8 @@ def optimizer_step(state: BranchState, grad_clip: float | None, bad_steps: BadSt
             state.scaler.update(state.scaler.get_scale())
     else:
         outcome = StepOutcome.STEPPED
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+        if grad_clip:  # clip_grad_norm_ without computing the norm a second time
+            torch.nn.utils.clip_grads_with_norm_(state.model.parameters(), grad_clip, total_norm)
         if state.scaler is not None:
             state.scaler.step(state.optimizer)
             state.scaler.update()
