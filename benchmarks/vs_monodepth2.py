@@ -3,6 +3,7 @@
     python benchmarks/vs_monodepth2.py --monodepth2 PATH [--data ../shared/data/udacity_sfnd]
         [--steps 12] [--warmup 3] [--threads 2] [--device cpu]
     python benchmarks/vs_monodepth2.py --ours-only ...   # our three rows only (no checkout needed)
+    python benchmarks/vs_monodepth2.py ... --memory      # then each trainer's peak RSS, alone in a process
 
 ``PATH`` is a checkout of https://github.com/nianticlabs/monodepth2 that you provide (its licence
 is non-commercial: nothing of it is in this repository). Its ``trainer.Trainer`` is built from its
@@ -37,7 +38,9 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -279,7 +282,8 @@ def compare(args: argparse.Namespace) -> dict[str, list[float]]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    md2_modules = None if args.ours_only else import_monodepth2(Path(args.monodepth2))
+    wanted = lambda label: args.only in (None, label)  # noqa: E731
+    md2_modules = None if args.ours_only or not wanted("Monodepth2") else import_monodepth2(Path(args.monodepth2))
     rounds = args.warmup + args.steps
     frames = load_frames(args.data, args.height, args.width, min(rounds, len(TARGETS) // args.batch_size),
                          args.batch_size)
@@ -293,6 +297,8 @@ def compare(args: argparse.Namespace) -> dict[str, list[float]]:
             md2_count = iter(range(10**9))
             steps["Monodepth2"] = lambda: monodepth2_step(md2, md2_inputs[next(md2_count) % len(md2_inputs)])
         for label, extra in OURS.items():
+            if not wanted(label):
+                continue
             trainer = stack.enter_context(trainer_steps.in_memory_trainer(our_overrides(args) + extra, ours_batches))
             steps[label] = trainer.train_step
         times: dict[str, list[float]] = {label: [] for label in steps}
@@ -321,6 +327,34 @@ def report(times: dict[str, list[float]], args: argparse.Namespace) -> None:
         print(f"{label:12}{median:>15.3f}{min(values):>12.3f}{args.batch_size / median:>11.2f}{ratio:>17}")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size: ``VmHWM`` of /proc/self/status (KiB). Not
+    ``ru_maxrss``: Linux carries that across ``exec`` from the parent, so a child of a big process
+    would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
+
+
+def measure_memory(args: argparse.Namespace, argv: list[str]) -> None:
+    """Peak RSS of each trainer alone, in its own process (one process holds one trainer, as one
+    rank does): the same frames and settings, ``--warmup`` + ``--steps`` rounds of that trainer only."""
+    labels = ([] if args.ours_only else ["Monodepth2"]) + list(OURS)
+    print(f"\npeak RSS, each trainer alone in its own process ({args.warmup} + {args.steps} steps):")
+    base = None
+    for label in labels:
+        out = subprocess.run([sys.executable, __file__, *argv, "--only", label], capture_output=True, text=True)
+        found = [line for line in out.stdout.splitlines() if line.startswith("peak RSS MiB ")]
+        if out.returncode != 0 or not found:
+            raise SystemExit(f"vs_monodepth2 --memory: the {label!r} process failed (exit {out.returncode}):\n"
+                             f"{out.stderr[-2000:]}")
+        mib = float(found[-1].split()[-1])
+        base = mib if label == "Monodepth2" else base
+        ratio = f"{mib / base:.2f}" if base and label != "Monodepth2" else "-"
+        print(f"{label:12}{mib:>10.0f} MiB{ratio:>17}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--monodepth2", help="path to a checkout of nianticlabs/monodepth2")
@@ -336,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for our three trainers (repeatable), e.g. --set train.channels_last=true")
+    parser.add_argument("--memory", action="store_true",
+                        help="after the timing, the peak RSS of each trainer alone in its own process")
+    parser.add_argument("--only", choices=["Monodepth2", *OURS], help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not args.monodepth2 and not args.ours_only:
         print(HOW_TO_GET)
@@ -345,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.data / DRIVE / "image_02").is_dir():
             raise SystemExit(f"--data {args.data}: no {DRIVE}/image_02 there (see /work/shared/data/SOURCES.md)")
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.only:  # one trainer in this process: the --memory probe
+        compare(args)
+        print(f"peak RSS MiB {peak_rss_mib():.1f}", flush=True)
+        return 0
     report(compare(args), args)
+    if args.memory:
+        measure_memory(args, [a for a in argv if a != "--memory"])
     return 0
 
 

@@ -23,6 +23,17 @@ def test_ours_only_tiny_run_prints_our_three_rows(run_benchmark) -> None:
     assert [["ours", "U"], ["ours", "S"], ["ours", "S+U"]] == [r for r in rows if r[:1] == ["ours"]], out.stdout
 
 
+def test_memory_reports_each_trainer_alone_in_its_own_process(run_benchmark) -> None:
+    out = run_benchmark("vs_monodepth2.py", "--ours-only", *TINY, "--steps", "1", "--warmup", "0", "--memory")
+    assert out.returncode == 0, out.stderr
+    memory = out.stdout.split("peak RSS, each trainer alone")[1].splitlines()[1:]
+    rows = {" ".join(line.split()[:2]): float(line.split()[2]) for line in memory if line.startswith("ours")}
+    assert list(rows) == ["ours U", "ours S", "ours S+U"], out.stdout
+    # a process that imported torch and built a trainer holds well over 100 MiB; S+U holds both branches
+    assert all(mib > 100 for mib in rows.values()), rows
+    assert rows["ours S+U"] > rows["ours S"], rows
+
+
 STAND_IN = {
     # a stand-in with Monodepth2's interface (written for this test; no Monodepth2 code): what the
     # benchmark calls, and what its run-time shims are for (a legacy positional torchvision
