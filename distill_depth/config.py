@@ -148,15 +148,20 @@ class LossConfig:
     ``by_coverage``: S learns from U only outside its LiDAR's reach (above the top return of each
     column, columns without returns) and U from S only inside it (where S's depth is supervised);
     images without LiDAR (unlabelled) keep every pixel both ways. The labels decide who teaches."""
-    unlabelled_gain_s_from_u: float = 1.0
+    unlabelled_gain_s_from_u: float = 30.0
     """Factor on S's L_s<-u on samples outside the labelled subset (``data.labelled_fraction``, or
     shards' unlabelled frames). There L_s<-u is S's only depth signal, and at the defaults its
-    per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u). 1 = METHOD.md;
-    labelled samples are unaffected."""
-    unlabelled_gain_u_from_s: float = 1.0
+    per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u); under Adam, whose
+    step is set by the labelled batches' large gradients, an unlabelled batch then barely moves S.
+    30 gives an unlabelled image about the pull of a labelled one (docs/method.md, "readings";
+    measured with ``unlabelled_gain_u_from_s: 0`` in docs/fidelity.md). 1 = METHOD.md; labelled samples are unaffected, and with every
+    sample labelled the factor has no effect."""
+    unlabelled_gain_u_from_s: float = 0.0
     """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
     extrapolation, itself taught by U: 0 lets S teach U only on images where S had LiDAR, which
-    cuts the loop in which each branch learns back its own errors. 1 = METHOD.md."""
+    cuts the loop in which each branch learns back its own errors (and, with the S gain of 30, U
+    learning back its own depth through S). 1 = METHOD.md; with every sample labelled the factor
+    has no effect."""
     diagnostic_teacher: Literal["none", "ground_truth"] = "none"
     """A diagnostic, never for real training: ``ground_truth`` replaces the partner's depth by the
     batch's dense ground truth (``gt.png``, synthetic training shards), confidence 1 where it is

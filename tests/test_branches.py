@@ -500,6 +500,7 @@ def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> N
     cfg = Config()
     cfg.loss.distill_regions = "by_coverage"
     cfg.loss.scale_align = "off"  # aligned, a factor 2 would vanish
+    cfg.loss.unlabelled_gain_u_from_s = 1.0  # METHOD.md's: U learns from S on unlabelled images too
     s_branch, u_branch = build_branch("S", cfg).eval(), build_branch("U", cfg).eval()
     from distill_depth.losses import lidar_coverage
 
@@ -526,14 +527,16 @@ def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> N
 def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_only(batch: Batch) -> None:
     """unlabelled_gain_<direction>=g: with a partner 1.5x off everywhere (confidence 1), a term is
     log 1.5 on an all-labelled batch with or without the gain, and (n - 1 + g)/n · log 1.5 when
-    one of n samples is unlabelled; S's gain does not reach U's term and vice versa."""
+    one of n samples is unlabelled; S's gain does not reach U's term and vice versa ("default" here
+    is METHOD.md's 1 for both, set explicitly: the config's S gain is not 1)."""
     n = batch.image.shape[0]
     everyone, first_unlabelled = torch.ones(n, dtype=torch.bool), torch.arange(n) != 0
     for name, key, other in (("S", "unlabelled_gain_s_from_u", "unlabelled_gain_u_from_s"),
                              ("U", "unlabelled_gain_u_from_s", "unlabelled_gain_s_from_u")):
         torch.manual_seed(0)
         branches = {}
-        for variant, gains in (("default", {}), ("gained", {key: 4.0}), ("cut", {key: 0.0}), ("other", {other: 4.0})):
+        for variant, gains in (("default", {key: 1.0, other: 1.0}), ("gained", {key: 4.0, other: 1.0}),
+                               ("cut", {key: 0.0, other: 1.0}), ("other", {key: 1.0, other: 4.0})):
             cfg = Config()
             cfg.loss.scale_align = "off"  # aligned, a factor 1.5 would vanish
             for k, v in gains.items():
