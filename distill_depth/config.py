@@ -154,8 +154,8 @@ class LossConfig:
     per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u); under Adam, whose
     step is set by the labelled batches' large gradients, an unlabelled batch then barely moves S.
     30 gives an unlabelled image about the pull of a labelled one (docs/method.md, "readings";
-    measured with ``unlabelled_gain_u_from_s: 0`` in docs/fidelity.md). 1 = METHOD.md; labelled samples are unaffected, and with every
-    sample labelled the factor has no effect."""
+    measured with ``unlabelled_gain_u_from_s: 0`` in docs/fidelity.md). 1 = METHOD.md; labelled
+    samples are unaffected, and with every sample labelled the factor has no effect."""
     unlabelled_gain_u_from_s: float = 0.0
     """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
     extrapolation, itself taught by U: 0 lets S teach U only on images where S had LiDAR, which

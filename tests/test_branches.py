@@ -527,7 +527,7 @@ def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> N
 def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_only(batch: Batch) -> None:
     """unlabelled_gain_<direction>=g: with a partner 1.5x off everywhere (confidence 1), a term is
     log 1.5 on an all-labelled batch with or without the gain, and (n - 1 + g)/n · log 1.5 when
-    one of n samples is unlabelled; S's gain does not reach U's term and vice versa ("default" here
+    one of n samples is unlabelled; S's gain does not reach U's term and vice versa ("neutral" here
     is METHOD.md's 1 for both, set explicitly: the config's S gain is not 1)."""
     n = batch.image.shape[0]
     everyone, first_unlabelled = torch.ones(n, dtype=torch.bool), torch.arange(n) != 0
@@ -535,15 +535,15 @@ def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_onl
                              ("U", "unlabelled_gain_u_from_s", "unlabelled_gain_s_from_u")):
         torch.manual_seed(0)
         branches = {}
-        for variant, gains in (("default", {key: 1.0, other: 1.0}), ("gained", {key: 4.0, other: 1.0}),
+        for variant, gains in (("neutral", {key: 1.0, other: 1.0}), ("gained", {key: 4.0, other: 1.0}),
                                ("cut", {key: 0.0, other: 1.0}), ("other", {key: 1.0, other: 4.0})):
             cfg = Config()
             cfg.loss.scale_align = "off"  # aligned, a factor 1.5 would vanish
             for k, v in gains.items():
                 setattr(cfg.loss, k, v)
             branches[variant] = build_branch(name, cfg).eval()
-            branches[variant].load_state_dict(branches["default"].state_dict())
-        prediction = branches["default"](batch)
+            branches[variant].load_state_dict(branches["neutral"].state_dict())
+        prediction = branches["neutral"](batch)
         assert prediction.canonical_valid.all()  # eval: no augmentation, every pixel compared
         own = prediction.for_partner()
         partner = replace(own, depth=prediction.canonical_depth.detach() * 1.5,
@@ -556,7 +556,7 @@ def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_onl
         log15 = math.log(1.5)
         for variant in branches:
             assert term(variant, everyone) == pytest.approx(log15, rel=1e-4), (name, variant)
-        assert term("default", first_unlabelled) == pytest.approx(log15, rel=1e-4)
+        assert term("neutral", first_unlabelled) == pytest.approx(log15, rel=1e-4)
         assert term("other", first_unlabelled) == pytest.approx(log15, rel=1e-4)
         assert term("gained", first_unlabelled) == pytest.approx((n - 1 + 4.0) / n * log15, rel=1e-4)
         assert term("cut", first_unlabelled) == pytest.approx((n - 1) / n * log15, rel=1e-4)
