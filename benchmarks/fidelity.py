@@ -75,6 +75,12 @@ class Plan:
     """``--two-stage N``: S-only and U-only train N steps first; every run then continues ``steps``
     more from those weights (alone, or mutually), so "distillation from a noisy partner early on"
     is separated from "distillation itself"."""
+    second_stage_lr_factor: float = 0.1
+    """``--stage2-lr-factor F``: stage 2 of ``--two-stage`` trains at F × the configured learning
+    rates (``optim.schedule: step`` with a milestone at step 0), so that 300 + 100 steps are one
+    step-decayed schedule of 400, the shape of the KITTI recipe's (``optim.milestones: [0.75]``,
+    × 0.1). 1 = the stage-1 rates again (the plan until 2026-12-06): each run's fresh Adam then
+    restarts at the full rate, and any change to a loss moved a 100-step U by ±20 %."""
     failures: bool = True
     """Synthetic failure modes (moving cars, LiDAR dropout and noise, textureless patches) in train
     and test drives, and per-region evaluation (``evaluate --regions``)."""
@@ -156,6 +162,9 @@ def train(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path]
     if stage == 2 and plan.first_stage_steps:
         overrides = (*overrides, *(f"train.init_{branch.lower()}={run_dir(work, BASELINES[branch], f, seed, stage=1)}"
                                    for branch, f in (("S", fraction), ("U", 1.0)) if branch in BRANCHES[run]))
+        if plan.second_stage_lr_factor != 1.0:
+            overrides = (*overrides, "optim.schedule=step", "optim.milestones=[0]",
+                         f"optim.decay_factor={plan.second_stage_lr_factor:g}")
     if (folder / "export" / "config.yaml").is_file():
         return {}
     start = time.perf_counter()
@@ -218,6 +227,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="S-only and U-only train N steps first; every run then continues --steps more from "
                              f"those weights (alone or mutually), paired by seed (default {FULL.first_stage_steps}; "
                              "--quick and 0: every run from scratch)")
+    parser.add_argument("--stage2-lr-factor", type=float, default=None, metavar="F",
+                        help="stage 2 of --two-stage trains at F x the learning rates (default 0.1; 1 = no decay)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the plan)")
     parser.add_argument("--data-seeds", default=None, metavar="TRAIN,TEST",
                         help="synth seeds of the train and test drives (default 1000,2000; tune settings on others)")
@@ -260,6 +271,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--data-seeds takes TRAIN,TEST (two integers), e.g. 1100,3000")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.stage2_lr_factor is not None and not 0.0 < args.stage2_lr_factor <= 1.0:
+        parser.error(f"--stage2-lr-factor must lie in (0, 1], got {args.stage2_lr_factor}")
     if args.two_stage is not None and args.two_stage < 0:
         parser.error(f"--two-stage must be >= 0 steps, got {args.two_stage}")
     bad = [o for o in args.overrides if "=" not in o]
@@ -278,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, train_seed=args.data_seeds[0], test_seed=args.data_seeds[1])
     if args.two_stage is not None:
         plan = replace(plan, first_stage_steps=args.two_stage)
+    if args.stage2_lr_factor is not None:
+        plan = replace(plan, second_stage_lr_factor=args.stage2_lr_factor)
     default_work = Path(tempfile.gettempdir()) / ("distill_depth_fidelity" + ("_quick" if args.quick else "")
                                                   + ("" if args.failures else "_clean_world"))
     work = args.work or default_work

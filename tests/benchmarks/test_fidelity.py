@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location("fidelity", REPO / "benchmarks" / "fidelity.py")
@@ -63,7 +64,8 @@ def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
     and the paired difference is exactly 0; the JSON and the table hold every run."""
     work = tmp_path / "work"
     command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "sup_only,one_way",
-               "--steps", "3", "--fractions", "1,0.5", "--no-failures", "--work", str(work)]
+               "--steps", "3", "--fractions", "1,0.5", "--no-failures", "--work", str(work),
+               "--jobs", "2"]  # two 1-thread runs at a time: the 2-core CI machine does both at once
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -146,16 +148,21 @@ def test_fractions_flag_is_checked() -> None:
     assert args.fractions == (1.0, 0.25, 0.05)
     with pytest.raises(SystemExit):
         fidelity._parse_args(["--fractions", "0,1"])
+    assert fidelity._parse_args(["--stage2-lr-factor", "1"]).stage2_lr_factor == 1.0
+    with pytest.raises(SystemExit):
+        fidelity._parse_args(["--stage2-lr-factor", "0"])
     assert fidelity.label("mutual", 1.0) == "mutual" and fidelity.label("mutual", 0.05) == "mutual@0.05"
 
 
 @pytest.mark.slow
 def test_two_stage_runs_continue_from_the_single_branch_runs(tmp_path: Path) -> None:
     """--two-stage: S-only and U-only train first; mutual then starts both branches from those
-    weights (the trainer says so in its log) and is evaluated as usual."""
+    weights (the trainer says so in its log) and is evaluated as usual. Stage 2 trains at a tenth
+    of the learning rates (``--stage2-lr-factor``'s default), stage 1 at the full ones."""
     work = tmp_path / "work"
     command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "mutual",
-               "--steps", "2", "--two-stage", "2", "--fractions", "1", "--no-failures", "--work", str(work)]
+               "--steps", "2", "--two-stage", "2", "--fractions", "1", "--no-failures", "--work", str(work),
+               "--jobs", "2"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -166,3 +173,14 @@ def test_two_stage_runs_continue_from_the_single_branch_runs(tmp_path: Path) -> 
     assert f"branch U starts from {runs / 'stage1_self_only_seed0'}" in mutual_log
     report = json.loads((work / "fidelity.json").read_text())
     assert report["plan"]["first_stage_steps"] == 2 and set(report["runs"]["mutual"]["auto"]) == {"S", "U", "fused"}
+    assert report["plan"]["second_stage_lr_factor"] == 0.1
+
+    def logged_lr(run: str, branch: str) -> list[float]:
+        rows = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
+        return [row[f"{branch}/lr"] for row in rows if f"{branch}/lr" in row]
+
+    base_lr = yaml.safe_load((REPO / "configs" / "bench_base.yaml").read_text())["optim"]["lr"]
+    stage_one = logged_lr("stage1_sup_only_seed0", "S")
+    assert stage_one and stage_one == pytest.approx([base_lr] * len(stage_one))
+    stage_two = logged_lr("mutual_seed0", "S") + logged_lr("mutual_seed0", "U")
+    assert stage_two and stage_two == pytest.approx([0.1 * base_lr] * len(stage_two))
