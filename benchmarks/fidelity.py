@@ -1,8 +1,8 @@
 """Fidelity benchmark: does mutual distillation beat the single branches on our synthetic data?
 
     python benchmarks/fidelity.py --quick --jobs 2   # ~8 min, 2-core CPU: S-only, U-only, mutual; fractions 1, 0.25
-    python benchmarks/fidelity.py --jobs 2           # 3 seeds x fractions 1, 0.25, 0.05; 300 steps alone, then 100 alone or mutual
-                                                     # (--jobs 1 took 79 min on the 2-core CPU while other work ran)
+    python benchmarks/fidelity.py --jobs 2           # 3 seeds x fractions 1, 0.25, 0.05; 300 steps alone, then 100 alone or
+                                                     # mutual at a tenth of the lr (48 min on the idle 2-core CPU)
     python benchmarks/fidelity.py --runs sup_only,mutual,one_way --seeds 0 --steps 600 --work /tmp/fid
     python benchmarks/fidelity.py --quick --data-seeds 1100,3000 --set loss.lambda_distill=0.2   # tune elsewhere
 

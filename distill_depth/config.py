@@ -154,14 +154,14 @@ class LossConfig:
     per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u); under Adam, whose
     step is set by the labelled batches' large gradients, an unlabelled batch then barely moves S.
     30 gives an unlabelled image about the pull of a labelled one (docs/method.md, "readings";
-    measured with ``unlabelled_gain_u_from_s: 0`` in docs/fidelity.md). 1 = METHOD.md; labelled
-    samples are unaffected, and with every sample labelled the factor has no effect."""
-    unlabelled_gain_u_from_s: float = 0.0
+    docs/fidelity.md, fifth and sixth rounds). 1 = METHOD.md; labelled samples are unaffected,
+    and with every sample labelled the factor has no effect."""
+    unlabelled_gain_u_from_s: float = 1.0
     """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
-    extrapolation, itself taught by U: 0 lets S teach U only on images where S had LiDAR, which
-    cuts the loop in which each branch learns back its own errors (and, with the S gain of 30, U
-    learning back its own depth through S). 1 = METHOD.md; with every sample labelled the factor
-    has no effect."""
+    extrapolation, partly taught by U; 0 lets S teach U only on images where S had LiDAR. 1 =
+    METHOD.md and the default: under a decayed second stage it gave U more than 0 did (tuning
+    drives, 25 % labels: −5.8 % vs −2.3 % against U-only; docs/fidelity.md, sixth round). With
+    every sample labelled the factor has no effect."""
     diagnostic_teacher: Literal["none", "ground_truth"] = "none"
     """A diagnostic, never for real training: ``ground_truth`` replaces the partner's depth by the
     batch's dense ground truth (``gt.png``, synthetic training shards), confidence 1 where it is
