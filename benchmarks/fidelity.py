@@ -228,7 +228,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"those weights (alone or mutually), paired by seed (default {FULL.first_stage_steps}; "
                              "--quick and 0: every run from scratch)")
     parser.add_argument("--stage2-lr-factor", type=float, default=None, metavar="F",
-                        help="stage 2 of --two-stage trains at F x the learning rates (default 0.1; 1 = no decay)")
+                        help="stage 2 of --two-stage trains at F x the learning rates "
+                             f"(default {FULL.second_stage_lr_factor:g}; 1 = no decay)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the plan)")
     parser.add_argument("--data-seeds", default=None, metavar="TRAIN,TEST",
                         help="synth seeds of the train and test drives (default 1000,2000; tune settings on others)")
