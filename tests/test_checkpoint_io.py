@@ -39,12 +39,12 @@ def test_trainer_re_exports_the_same_objects() -> None:
 
 
 @pytest.fixture(scope="module")
-def s_only_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+def s_only_run(module_tmp_path: Path) -> tuple[Path, nn.Module]:
     """A run folder whose export holds an untrained S, written by hand (no training needed)."""
     cfg = load_config(None, ["branches=[S]"])
     torch.manual_seed(3)
     model = build_branch("S", cfg)
-    run = tmp_path_factory.mktemp("s_only") / "run"
+    run = module_tmp_path / "s_only" / "run"
     (run / "export").mkdir(parents=True)
     save_model(model, str(run / "export" / "S.safetensors"))
     save_config(cfg, run / "export" / "config.yaml")

@@ -44,8 +44,8 @@ def test_crop_is_manydepths_rows_and_columns_at_full_and_reduced_size():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("cityscapes_eval")
+def shards(module_tmp_path) -> Path:
+    base = module_tmp_path / "cityscapes_eval"
     assert main(["synth", "--layout", "cityscapes", "--out", str(base / "cs"), "--frames", "3", "--height", "64",
                  "--width", "128", "--split", "test"]) == 0
     assert main(["make-shards", "--dataset", "cityscapes", "--root", str(base / "cs"), "--split", "test",

@@ -31,9 +31,9 @@ def run_dir(tmp_path_factory, bundled_shards) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir, tmp_path_factory) -> tuple[Path, str]:
+def exported(run_dir, module_tmp_path) -> tuple[Path, str]:
     """(ONNX file of branch U at 64x192, the command's stdout)."""
-    out = tmp_path_factory.mktemp("export") / "nested" / "depth_U.onnx"
+    out = module_tmp_path / "export" / "nested" / "depth_U.onnx"
     command = [sys.executable, "-m", "distill_depth.cli", "export", "--checkpoint", str(run_dir),
                "--onnx", str(out), "--branch", "U", "--height", str(SIZE[0]), "--width", str(SIZE[1])]
     result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)

@@ -165,9 +165,10 @@ def _export(run_dir: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster: None, bundled_shards: Path, tmp_path_factory: pytest.TempPathFactory):
+def uninterrupted(slurm_cluster: None, bundled_shards: Path, module_tmp_path: Path):
     """`sbatch train.sbatch` with 2 CPU tasks, run to the end (also the reference of the requeue test)."""
-    base = tmp_path_factory.mktemp("slurm_uninterrupted")
+    base = module_tmp_path / "slurm_uninterrupted"
+    base.mkdir()
     job = Job(TRAIN_SBATCH, base / "run", base / "job.log", bundled_shards, ("--ntasks=2",))
     try:
         info = job.wait_done(timeout=300)

@@ -21,9 +21,9 @@ HEIGHT, WIDTH = 64, 128  # kept rows 48; the bonnet starts at row 52
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
+def tree(module_tmp_path) -> Path:
     """2 snippets of 4 frames (17..20, 19 annotated): targets 18 (unlabelled) and 19 per snippet."""
-    root = tmp_path_factory.mktemp("cityscapes") / "cs"
+    root = module_tmp_path / "cityscapes" / "cs"
     assert main(["synth", "--layout", "cityscapes", "--out", str(root), "--frames", "4", "--height", str(HEIGHT),
                  "--width", str(WIDTH), "--split", "val"]) == 0
     return root

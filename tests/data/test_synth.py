@@ -32,8 +32,8 @@ HEIGHT, WIDTH, FRAMES, SEED = 96, 320, 4, 7
 
 
 @pytest.fixture(scope="module")
-def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
+def drive(module_tmp_path: Path) -> Path:
+    out = module_tmp_path / "synth"
     (drive_dir,) = generate(out, drives=1, frames=FRAMES, seed=SEED, height=HEIGHT, width=WIDTH)
     return drive_dir
 

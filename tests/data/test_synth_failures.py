@@ -47,8 +47,8 @@ def _drive(root: Path, **modes: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _drive(tmp_path_factory.mktemp("clean"), regions=True)
+def clean(module_tmp_path: Path) -> Path:
+    return _drive(module_tmp_path / "clean", regions=True)
 
 
 def _only_changed(drive: Path, clean: Path) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ def reference_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     run = launch_accelerate("launch/accelerate/cpu_2proc.yaml",
                             tiny_overrides(tiny_shards, out, REFERENCE_STEPS, "train.report_to=none"),
                             out, DISTILL_DEPTH_DUMP_DIR=str(dump))
-    return ReferenceRun(run, run.wait(), dump)
+    codes = run.wait()
+    _drop_checkpoints(out, codes)
+    return ReferenceRun(run, codes, dump)
 
 
 @pytest.fixture(scope="session")
@@ -56,4 +59,14 @@ def four_rank_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     out, dump = base / "run", base / "dump"
     run = launch(4, tiny_overrides(tiny_shards, out, FOUR_RANK_STEPS, *FOUR_RANK_OVERRIDES), out, slurm=True,
                  DISTILL_DEPTH_DUMP_DIR=str(dump))
-    return ReferenceRun(run, run.wait(timeout=300), dump)
+    codes = run.wait(timeout=300)
+    _drop_checkpoints(out, codes)
+    return ReferenceRun(run, codes, dump)
+
+
+def _drop_checkpoints(out: Path, codes: list[int]) -> None:
+    """The session-wide runs are compared by their metrics, dumps and exports, never resumed: their
+    checkpoints (~0.5 GB each) would otherwise stay on disk until the session ends. A failed run
+    keeps everything for the reader."""
+    if all(code == 0 for code in codes):
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)

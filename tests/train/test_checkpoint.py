@@ -34,8 +34,8 @@ def _state(name: str, cfg, seed: int) -> BranchState:
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    return load_config(None, [f"train.output_dir={tmp_path_factory.mktemp('ckpt') / 'run'}"])
+def cfg(module_tmp_path):
+    return load_config(None, [f"train.output_dir={module_tmp_path / 'ckpt' / 'run'}"])
 
 
 def test_save_keep_last_resume_and_load_branches(cfg) -> None:

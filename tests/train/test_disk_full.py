@@ -26,9 +26,9 @@ def _folder_bytes(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint_bytes(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+def checkpoint_bytes(tiny_shards: Path, module_tmp_path: Path) -> dict[str, int]:
     """Sizes of one 2-rank checkpoint and of the final export, measured on an unconstrained disk."""
-    out = tmp_path_factory.mktemp("sizes") / "run"
+    out = module_tmp_path / "sizes" / "run"
     run = launch(2, tiny_overrides(tiny_shards, out, 1), out)
     assert run.wait() == [0, 0], run.tail()
     (checkpoint,) = complete_checkpoints(out)

@@ -18,10 +18,10 @@ LOGGED_KEYS = ("S/loss", "S/sup_nll", "U/loss", "U/photo_nll", "S/lr", "U/lr", "
 
 
 @pytest.fixture(scope="module")
-def colocated_run(bundled_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, list[int]]:
+def colocated_run(bundled_shards: Path, module_tmp_path: Path) -> tuple[Run, list[int]]:
     """STEPS steps overfitting one batch of the bundled shards, validation and images at the end,
     W&B offline."""
-    out = tmp_path_factory.mktemp("colocated") / "run"
+    out = module_tmp_path / "colocated" / "run"
     overrides = [
         f"data.train_shards={bundled_shards / 'train'}", f"data.val_shards={bundled_shards / 'val'}",
         "data.batch_size=1", "data.num_workers=0", f"train.max_steps={STEPS}", f"train.output_dir={out}",

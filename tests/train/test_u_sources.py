@@ -62,9 +62,9 @@ def test_each_u_mode_trains_on_the_bundled_shards(bundled_shards: Path, tmp_path
 
 
 @pytest.fixture(scope="module")
-def mono_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mono_shards(module_tmp_path: Path) -> Path:
     """A synthetic drive made into shards WITHOUT --stereo (no stereo.jpg, manifest stereo: false)."""
-    base = tmp_path_factory.mktemp("mono")
+    base = module_tmp_path / "mono"
     env = child_env()
     subprocess.run([sys.executable, "-m", "distill_depth.cli", "synth", "--out", str(base / "raw"), "--drives", "1",
                     "--frames", "6", "--height", "64", "--width", "128", "--azimuth-steps", "300"],
