@@ -150,7 +150,8 @@ class _Branch(nn.Module):
         mask = prediction.canonical_valid & partner.valid.to(device)
         if region is not None:
             mask = mask & region.to(device)
-        relative = self.cfg.loss.distill_gate == "relative"
+        gate = self.cfg.loss.distill_gate
+        relative = gate == "relative" or (gate == "relative_u" and self.name == "U")
         term = distill(
             prediction.canonical_depth,
             partner.depth.to(device),

@@ -562,6 +562,36 @@ def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_onl
         assert term("cut", first_unlabelled) == pytest.approx((n - 1) / n * log15, rel=1e-4)
 
 
+def test_distill_gate_relative_u_gates_only_us_term(batch: Batch) -> None:
+    """distill_gate: with a partner 1.5x off everywhere whose confidence is 0.5 on the left half of
+    the image and 1 on the right, and a student whose own confidence is forced to 0.75: ``teacher``
+    weighs every pixel by the partner's confidence; ``relative`` keeps only the right half (where
+    the partner is surer) in both branches' terms; ``relative_u`` does so for U's term only."""
+    torch.manual_seed(0)
+    half = torch.zeros(1, 1, H, W, dtype=torch.bool)
+    half[..., W // 2:] = True
+    terms = {}
+    for gate in ("teacher", "relative", "relative_u"):
+        cfg = Config()
+        cfg.loss.scale_align = "off"
+        cfg.loss.distill_gate = gate
+        for name in ("S", "U"):
+            torch.manual_seed(1)
+            branch = build_branch(name, cfg).eval()
+            prediction = branch(batch)
+            prediction = replace(prediction, canonical_confidence=torch.full_like(prediction.canonical_confidence, 0.75))
+            own = prediction.for_partner()
+            confidence = torch.where(half, 1.0, 0.5).expand_as(own.confidence)
+            partner = replace(own, depth=prediction.canonical_depth.detach() * 1.5, confidence=confidence)
+            terms[gate, name] = branch.loss(batch, prediction, partner, 10_000)[1]["distill"].item()
+    log15 = math.log(1.5)
+    for name in ("S", "U"):
+        assert terms["teacher", name] == pytest.approx(0.75 * log15, rel=1e-4)
+        assert terms["relative", name] == pytest.approx(0.5 * log15, rel=1e-4)
+    assert terms["relative_u", "S"] == pytest.approx(terms["teacher", "S"], rel=1e-6)
+    assert terms["relative_u", "U"] == pytest.approx(terms["relative", "U"], rel=1e-6)
+
+
 def test_diagnostic_teacher_ground_truth_replaces_the_partner(batch: Batch) -> None:
     """diagnostic_teacher=ground_truth: each branch's distillation term is the mean log error to the
     dense ground truth, whatever the partner sent; without ground truth it is an error."""
