@@ -160,8 +160,10 @@ class LossConfig:
     """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
     extrapolation, partly taught by U; 0 lets S teach U only on images where S had LiDAR. 1 =
     METHOD.md and the default: under a decayed second stage it gave U more than 0 did (tuning
-    drives, 25 % labels: −5.8 % vs −2.3 % against U-only; docs/fidelity.md, sixth round). With
-    every sample labelled the factor has no effect."""
+    drives, 25 % labels: −5.8 % vs −2.3 % against U-only; docs/fidelity.md, sixth round). 3 and 10
+    lost (seventh round): S's 30x and U's factor close a loop on unlabelled images in which both
+    branches settle on one wrong depth (10: S 0.207 -> 0.309). With every sample labelled the
+    factor has no effect."""
     diagnostic_teacher: Literal["none", "ground_truth"] = "none"
     """A diagnostic, never for real training: ``ground_truth`` replaces the partner's depth by the
     batch's dense ground truth (``gt.png``, synthetic training shards), confidence 1 where it is
