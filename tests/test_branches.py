@@ -567,7 +567,6 @@ def test_distill_gate_relative_u_gates_only_us_term(batch: Batch) -> None:
     the image and 1 on the right, and a student whose own confidence is forced to 0.75: ``teacher``
     weighs every pixel by the partner's confidence; ``relative`` keeps only the right half (where
     the partner is surer) in both branches' terms; ``relative_u`` does so for U's term only."""
-    torch.manual_seed(0)
     half = torch.zeros(1, 1, H, W, dtype=torch.bool)
     half[..., W // 2:] = True
     terms = {}
