@@ -137,6 +137,14 @@ class LossConfig:
     ``all``: every pixel with a finite error; where auto-masking drops a pixel (objects moving
     with the camera, no parallax) the confidence still learns the detached warped error there,
     so U does not teach its partner with an untrained confidence where it had no evidence."""
+    u_distill_pixels: Literal["all", "reprojects_better"] = "all"
+    """Where U learns from S (L_u<-s). ``all``: every pixel both branches saw (METHOD.md).
+    ``reprojects_better``: Depth Hints' rule (Watson et al., ICCV 2019) with S's depth as the hint:
+    only where S's depth, warped with U's own poses, explains U's source frames better than U's
+    depth does (lower minimum photometric error at full resolution), plus the pixels auto-masking
+    drops for U (no photometric evidence either way: objects moving with the camera). U's own
+    frames, not its confidence, judge the teacher pixel by pixel. Needs a flip-only U view
+    (``augment.u_strength: weak``)."""
     partner_trust: Literal["none", "lidar"] = "none"
     """An extra per-image factor on S's L_s<-u weight. ``lidar``: t = min(1, S's median log error /
     U's median log error) at the image's LiDAR points (``losses.lidar_trust``); an image without

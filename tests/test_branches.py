@@ -591,6 +591,58 @@ def test_distill_gate_relative_u_gates_only_us_term(batch: Batch) -> None:
     assert terms["relative_u", "U"] == pytest.approx(terms["relative", "U"], rel=1e-6)
 
 
+def test_u_distill_pixels_reprojects_better_gates_us_term_by_u_s_own_frames() -> None:
+    """u_distill_pixels=reprojects_better on a stereo pair with its exact baseline, weak (flipping)
+    augmentation: U's depth is exact on the left half of the canonical image and 1.5x too far on
+    the right, S's the other way round. U's term then keeps S's teaching mostly where S is right
+    (a mean weight of ~1/2, below it if the flip into U's view were wrong); with ``all`` every pixel
+    counts. S's term is untouched."""
+    from distill_depth.models.depth_net import depth_to_disp
+
+    stereo = synthetic_batch(4, 48, 96, stereo=True)
+    left = torch.zeros_like(stereo.gt_depth, dtype=torch.bool)
+    left[..., : left.shape[-1] // 2] = True
+    u_canonical = torch.where(left, stereo.gt_depth, 1.5 * stereo.gt_depth)
+    s_canonical = torch.where(left, 1.5 * stereo.gt_depth, stereo.gt_depth)
+    terms = {}
+    for pixels in ("all", "reprojects_better"):
+        cfg = Config()
+        cfg.data.u_sources = "stereo"
+        cfg.loss.u_distill_pixels = pixels
+        torch.manual_seed(3)
+        branch = build_branch("U", cfg).train()
+        for _ in range(20):  # the branch's own augmentation stream: draw until some samples are mirrored
+            prediction = branch(stereo)
+            view = prediction.extras["view"]
+            if 0 < int(view.flipped.sum()) < 4:
+                break
+        assert 0 < int(view.flipped.sum()) < 4
+        in_view, _ = view.to_canonical(u_canonical)  # a mirror is its own inverse
+        disp = depth_to_disp(in_view, cfg.model.min_depth, cfg.model.max_depth)
+        prediction.extras["disp"] = [disp] * len(prediction.extras["disp"])
+        prediction = replace(prediction, canonical_depth=u_canonical,
+                             canonical_valid=torch.ones_like(left))
+        partner = replace(prediction.for_partner(), depth=s_canonical,
+                          confidence=torch.ones_like(s_canonical), valid=torch.ones_like(left))
+        terms[pixels] = branch.loss(stereo, prediction, partner, 10_000)[1]
+    log15 = math.log(1.5)
+    assert terms["all"]["distill"].item() == pytest.approx(log15, rel=1e-4)
+    assert "hint_fraction" not in terms["all"]
+    share = terms["reprojects_better"]["hint_fraction"].item()
+    assert 0.4 < share < 0.7, share
+    assert terms["reprojects_better"]["distill"].item() == pytest.approx(share * log15, rel=1e-4)
+    # S has no photometric term: the option leaves its L_s<-u alone
+    cfg = Config()
+    cfg.loss.u_distill_pixels = "reprojects_better"
+    torch.manual_seed(3)
+    s_branch = build_branch("S", cfg).eval()
+    s_prediction = s_branch(stereo)
+    s_partner = replace(s_prediction.for_partner(), depth=s_prediction.canonical_depth.detach() * 1.5,
+                        confidence=torch.ones_like(s_prediction.canonical_confidence))
+    cfg.loss.scale_align = "off"
+    assert s_branch.loss(stereo, s_prediction, s_partner, 10_000)[1]["distill"].item() == pytest.approx(log15, rel=1e-4)
+
+
 def test_diagnostic_teacher_ground_truth_replaces_the_partner(batch: Batch) -> None:
     """diagnostic_teacher=ground_truth: each branch's distillation term is the mean log error to the
     dense ground truth, whatever the partner sent; without ground truth it is an error."""

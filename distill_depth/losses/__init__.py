@@ -1,7 +1,15 @@
 """The loss terms of METHOD.md, one function each; every one runs in fp32 even under autocast."""
 
 from distill_depth.losses.common import confidence_nll, masked_mean, upsample
-from distill_depth.losses.distill import aligns_u_scale, distill, distill_ramp, lidar_coverage, lidar_trust, median_scale
+from distill_depth.losses.distill import (
+    aligns_u_scale,
+    distill,
+    distill_ramp,
+    lidar_coverage,
+    lidar_trust,
+    median_scale,
+    reprojects_better,
+)
 from distill_depth.losses.photometric import (
     identity_error,
     photometric,
@@ -37,6 +45,7 @@ __all__ = [
     "point_filtering",
     "point_filtering_held_out",
     "point_filtering_prior",
+    "reprojects_better",
     "self_confidence_nll",
     "smoothness",
     "split_held_out",

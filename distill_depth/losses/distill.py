@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from distill_depth.geometry import warp_to_target
 from distill_depth.losses.common import finite, fp32, masked_mean, sanitize
+from distill_depth.losses.photometric import photometric
 
 
 def distill_ramp(step: int, max_steps: int, lambda_d: float, warmup: float, start: float = 0.0) -> float:
@@ -103,6 +107,7 @@ def distill(
     scale_align: bool = False,
     student_confidence: Tensor | None = None,
     image_weight: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Confidence-weighted log-depth L1 from a detached teacher, either direction:
 
@@ -112,6 +117,9 @@ def distill(
     With ``student_confidence`` (``loss.distill_gate: relative``) the weight is
     sg(C_teacher) · [C_teacher > sg(C_student)]: the student learns only where the teacher is
     surer than itself. ``image_weight`` (B,) multiplies every pixel of an image (``loss.partner_trust``).
+    ``keep`` (B, 1, H, W) bool zeroes the weight outside it (``loss.u_distill_pixels``); unlike
+    ``mask`` it does not change the mean's denominator, so a gate that keeps few pixels does not
+    scale up their gradient.
     k = median(D_s) / median(D_u) per image (detached) over the compared pixels. p ranges over
     ``mask`` (B, 1, H, W) bool — both branches' canonical valid masks — and the pixels where both
     depths are finite and positive. All maps are full-resolution canonical-frame (B, 1, H, W).
@@ -130,4 +138,41 @@ def distill(
         weight = torch.where(weight > student_confidence, weight, torch.zeros_like(weight))
     if image_weight is not None:
         weight = weight * image_weight.detach().view(-1, 1, 1, 1)
+    if keep is not None:
+        weight = torch.where(keep.to(weight.device), weight, torch.zeros_like(weight))
     return masked_mean(weight * (torch.log(student) - torch.log(teacher)).abs(), mask)
+
+
+@torch.no_grad()
+def reprojects_better(
+    teacher_depth: Tensor,
+    student_error: Tensor,
+    student_kept: Tensor,
+    target: Tensor,
+    sources: Sequence[Tensor],
+    poses: Sequence[Tensor],
+    K: Tensor,
+    alpha: float = 0.85,
+) -> Tensor:
+    """Where a depth hint beats the student's own depth on the student's own frames (Depth Hints,
+    Watson et al., ICCV 2019):
+
+        R = { p : pe_min(D_teacher)(p) < pe_min(D_student)(p) }  ∪  { p : auto-masking dropped p }
+
+    pe_min(D) is the minimum photometric error over ``sources`` warped into ``target`` with depth D
+    and the student's ``poses`` (T_target_to_source, detached). ``student_error`` is the student's
+    pe_min before auto-masking (:func:`photometric` with ``return_unmasked``) and ``student_kept``
+    its auto-mask: where auto-masking dropped a pixel the frames hold no evidence about depth
+    (objects moving with the camera), so the teacher is not vetoed there. A teacher pixel that is
+    not a finite positive depth is never in R.
+
+    teacher_depth, student_error: (B, 1, H, W) in the student's view; student_kept (B, 1, H, W)
+    bool; target, sources[k]: (B, 3, H, W) un-jittered; poses[k]: (B, 4, 4); K: (B, 3, 3).
+    Returns R (B, 1, H, W) bool.
+    """
+    usable = _valid_depth(teacher_depth)
+    depth = torch.where(usable, teacher_depth.float(), torch.ones_like(teacher_depth, dtype=torch.float32))
+    warped, valid = zip(*(warp_to_target(src.float(), depth, T.detach().float(), K.float())
+                          for src, T in zip(sources, poses)))
+    _, _, teacher_error = photometric(target.float(), list(warped), list(valid), alpha=alpha, return_unmasked=True)
+    return usable & ((teacher_error < student_error.detach()) | ~student_kept)

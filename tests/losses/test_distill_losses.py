@@ -177,3 +177,43 @@ def test_lidar_coverage_spans_each_columns_returns() -> None:
     covered, has_lidar = lidar_coverage(sparse)
     assert covered[0, 0].int().tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]]
     assert has_lidar.tolist() == [True, False] and not covered[1].any()
+
+
+def test_reprojects_better_picks_the_depth_that_explains_the_frames() -> None:
+    """A textured plane seen from two poses. Student and teacher are each right on one half of the
+    image and 1.5x too far on the other: R is the teacher's right half and excludes its wrong half,
+    except where the student's auto-mask dropped a pixel; a teacher depth of 0 is never in R."""
+    from synthetic_scene import make_K, render_plane, rigid
+
+    from distill_depth.geometry import warp_to_target
+    from distill_depth.losses import photometric, reprojects_better
+
+    B, H, W = 2, 48, 96
+    K = make_K(B, H, W)
+    T = torch.stack([rigid(0.0, 0.02, 0.0, 0.5, 0.0, 0.3), rigid(0.01, -0.02, 0.0, -0.5, 0.0, -0.3)]).float()
+    target, depth = render_plane(K, torch.eye(4), H, W)
+    source, _ = render_plane(K, T, H, W)
+    left = torch.zeros(B, 1, H, W, dtype=torch.bool)
+    left[..., : W // 2] = True
+    student = torch.where(left, depth, 1.5 * depth)
+    teacher = torch.where(left, 1.5 * depth, depth)
+    warped, valid = warp_to_target(source, student, T, K)
+    _, kept, student_error = photometric(target, [warped], [valid], sources=[source], return_unmasked=True)
+    region = reprojects_better(teacher, student_error, kept, target, [source], [T], K)
+    inner = torch.zeros_like(left)
+    inner[..., 4:-4, 8:-8] = True  # away from the seam and the borders the SSIM window straddles
+    inner[..., W // 2 - 4 : W // 2 + 4] = False
+    right_share = region[inner & ~left].float().mean().item()
+    left_share = region[inner & left & kept].float().mean().item()
+    assert right_share > 0.8, right_share
+    assert left_share < 0.1, left_share
+    assert region[~kept].all()  # no photometric evidence: the teacher is not vetoed
+    # swapping the roles flips the answer
+    warped_t, valid_t = warp_to_target(source, teacher, T, K)
+    _, kept_t, teacher_error = photometric(target, [warped_t], [valid_t], sources=[source], return_unmasked=True)
+    swapped = reprojects_better(student, teacher_error, kept_t, target, [source], [T], K)
+    assert swapped[inner & left].float().mean().item() > 0.8
+    # an unusable teacher pixel is never chosen, even where the student had no evidence
+    broken = teacher.clone()
+    broken[..., :, W // 2 :] = 0.0
+    assert not reprojects_better(broken, student_error, kept, target, [source], [T], K)[..., W // 2 :].any()

@@ -1,0 +1,197 @@
+"""What both branches share: the augmenter, the DepthNet, the map back to the canonical frame,
+the distillation term, inference; and the rules every branch applies to a batch.
+
+Each branch owns its augmenter and networks. ``forward`` runs every network whose parameters the
+loss trains (the trainer wraps the branch in DDP and calls ``loss`` on the unwrapped module), and
+``loss`` is computed in fp32 with autocast disabled. The other branch's prediction only ever
+arrives detached (``PartnerPrediction``), so no gradient crosses between branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill_depth.augment import AugmentedView, build_augmenter
+from distill_depth.config import Config
+from distill_depth.losses import distill, distill_ramp, lidar_coverage, upsample
+from distill_depth.models import DepthNet
+from distill_depth.types import Batch, PartnerPrediction, Prediction
+
+TEMPORAL_SOURCES = ("prev", "next")
+PARTNER = {"S": ("U", "u_from_s"), "U": ("S", "s_from_u")}
+"""Branch → (its partner, the ``loss.distill_direction`` value under which the partner learns from it)."""
+
+
+def network_input(image: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """Non-finite pixels → 0 before a network sees them: one bad pixel would otherwise turn every
+    output (and gradient) of the convolution stack into NaN. The losses mask those pixels out.
+    ``memory_format``: the networks' layout (``train.channels_last``), so no conv converts its input."""
+    return torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0).contiguous(memory_format=memory_format)
+
+
+def labelled_lidar(batch: Batch) -> Tensor:
+    """(B, 1, H, W) fp32: the batch's canonical-frame LiDAR, zero on samples outside the labelled
+    subset (``Batch.labelled``); what the partner-side rules (trust, coverage) may read."""
+    sparse = batch.sparse_depth.float()
+    if batch.labelled is None:
+        return sparse
+    return sparse.masked_fill(~batch.labelled.to(sparse.device).view(-1, 1, 1, 1), 0.0)
+
+
+class BranchError(ValueError):
+    """A batch or partner prediction does not fit what the branch needs; the message says what."""
+
+
+class BranchBase(nn.Module):
+    """What both branches share: augmenter, DepthNet, canonical mapping, distillation, inference."""
+
+    name: str
+    distill_direction: str  # the value of ``loss.distill_direction`` that enables this branch's student term
+    memory_format = torch.contiguous_format  # train.channels_last sets it with the weights (train/speed.py)
+
+    def __init__(self, cfg: Config, strength: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.augmenter = build_augmenter(strength, cfg.augment)
+        self.depth_net = DepthNet(cfg.model)
+
+    def _predict_depth(self, view: AugmentedView, batch: Batch) -> Prediction:
+        disps, confs = self.depth_net(network_input(view.image, self.memory_format))
+        depths = [self.depth_net.to_depth(d) for d in disps]
+        confs = [c.float() for c in confs]
+        canonical, valid = view.to_canonical(torch.cat([depths[0], confs[0]], dim=1))
+        canonical_depth = canonical[:, :1]
+        if view.depth_to_canonical is not None:
+            canonical_depth = canonical_depth * view.depth_to_canonical.view(-1, 1, 1, 1)
+        teacher = self._clean_teacher(batch) if self.training and self._teaches_clean() else None
+        return Prediction(
+            depth=depths,
+            confidence=confs,
+            canonical_depth=canonical_depth,
+            canonical_confidence=canonical[:, 1:2],
+            canonical_valid=valid,
+            keys=list(batch.keys),
+            extras={"view": view, "disp": disps},
+            teacher=teacher,
+        )
+
+    def _teaches_clean(self) -> bool:
+        """``loss.teacher_view: clean`` and a partner branch in this run that learns from this one
+        (a single-branch run, or a one-way run's teacher-less side, skips the extra pass)."""
+        partner, partner_learns = PARTNER[self.name]
+        loss = self.cfg.loss
+        return (loss.teacher_view == "clean" and partner in self.cfg.branches
+                and loss.distill_direction in ("both", partner_learns))
+
+    @torch.no_grad()
+    def _clean_teacher(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(depth, confidence) (B, 1, H, W) on the un-augmented image, for ``loss.teacher_view: clean``.
+
+        Train-mode BatchNorm (the batch's own statistics, as in the student pass) with the running
+        statistics left as they are: the extra pass must not change what evaluation sees.
+        """
+        norms = [m for m in self.depth_net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        tracked = [None if m.num_batches_tracked is None else m.num_batches_tracked.clone() for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 0.0
+            disps, confs = self.depth_net(network_input(batch.image, self.memory_format))
+        finally:
+            for m, momentum, count in zip(norms, momenta, tracked):
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+        return self.depth_net.to_depth(disps[0]).float(), confs[0].float()
+
+    def _scaled_maps(self, prediction: Prediction, size: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per scale: (disp, depth, confidence) upsampled to ``size`` in fp32 (disparity is the
+        interpolated quantity, as in Monodepth2)."""
+        maps = []
+        for disp, conf in zip(prediction.extras["disp"], prediction.confidence):
+            disp_full = upsample(disp.float(), size)
+            maps.append((disp_full, self.depth_net.to_depth(disp_full), upsample(conf.float(), size)))
+        return maps
+
+    def _distill_term(
+        self, prediction: Prediction, partner: PartnerPrediction | None, step: int, scale_align: bool,
+        image_weight: Tensor | None = None, region: Tensor | None = None, keep: Tensor | None = None,
+    ) -> tuple[Tensor, float]:
+        """(L_student<-partner, its ramped weight); (0, 0) when alone or disabled by ``loss.distill_direction``."""
+        zero = torch.zeros((), dtype=torch.float32, device=prediction.canonical_depth.device)
+        direction = self.cfg.loss.distill_direction
+        if partner is None or direction not in ("both", self.distill_direction):
+            return zero, 0.0
+        if list(partner.keys) != list(prediction.keys):
+            raise BranchError(
+                f"branch {self.name}: partner prediction is for samples {partner.keys[:3]}..., "
+                f"this batch is {prediction.keys[:3]}... (the two branches must see the same samples in order)"
+            )
+        device = prediction.canonical_depth.device
+        mask = prediction.canonical_valid & partner.valid.to(device)
+        if region is not None:
+            mask = mask & region.to(device)
+        gate = self.cfg.loss.distill_gate
+        relative = gate == "relative" or (gate == "relative_u" and self.name == "U")
+        term = distill(
+            prediction.canonical_depth,
+            partner.depth.to(device),
+            partner.confidence.to(device),
+            mask,
+            scale_align=scale_align,
+            student_confidence=prediction.canonical_confidence if relative else None,
+            image_weight=image_weight,
+            keep=None if keep is None else keep.to(device),
+        )
+        loss_cfg = self.cfg.loss
+        weight = distill_ramp(step, self.cfg.train.max_steps, loss_cfg.lambda_distill, loss_cfg.distill_warmup,
+                              loss_cfg.distill_start)
+        return term, weight
+
+    def _diagnostic_partner(self, batch: Batch, partner: PartnerPrediction | None) -> PartnerPrediction | None:
+        """``loss.diagnostic_teacher: ground_truth``: the partner's depth becomes the dense ground truth."""
+        if self.cfg.loss.diagnostic_teacher == "none" or partner is None:
+            return partner
+        if batch.gt_depth is None:
+            raise BranchError("loss.diagnostic_teacher=ground_truth needs dense ground truth (gt.png) in the training shards")
+        gt = batch.gt_depth.float().to(partner.depth.device)
+        if gt.shape[-2:] != partner.depth.shape[-2:]:
+            gt = F.interpolate(gt, size=partner.depth.shape[-2:], mode="nearest")
+        defined = gt > 0
+        return PartnerPrediction(gt, defined.float(), partner.valid & defined, partner.keys)
+
+    def _image_weight(self, batch: Batch, trust: Tensor | None = None) -> Tensor | None:
+        """(B,) factor on this branch's distillation term per image: ``trust`` (S's partner trust)
+        times ``loss.unlabelled_gain_<direction>`` on unlabelled samples; None when both are neutral."""
+        gain = getattr(self.cfg.loss, f"unlabelled_gain_{self.distill_direction}")
+        if gain == 1.0 or batch.labelled is None:
+            return trust
+        labelled = batch.labelled.to(batch.image.device)
+        per_image = torch.where(labelled, 1.0, gain).float()
+        return per_image if trust is None else trust * per_image.to(trust.device)
+
+    def _distill_region(self, batch: Batch, inside: bool) -> Tensor | None:
+        """``loss.distill_regions: by_coverage``: (B, 1, H, W) bool, the pixels inside (U's term)
+        or outside (S's term) the LiDAR's reach of labelled images, every pixel of the others."""
+        if self.cfg.loss.distill_regions != "by_coverage":
+            return None
+        covered, has_lidar = lidar_coverage(labelled_lidar(batch))
+        region = covered if inside else ~covered
+        return region | ~has_lidar.view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def infer(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [0, 1] → full-resolution depth (metres) and confidence, (B, 1, H, W) fp32.
+
+        No augmentation; the network runs in eval mode (BatchNorm running statistics) and the
+        previous train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            disps, confs = self.depth_net(network_input(image, self.memory_format))
+            return self.depth_net.to_depth(disps[0]), confs[0].float()
+        finally:
+            self.train(was_training)
