@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -117,10 +118,19 @@ def _cli(*args: str, log: Path, threads: int = 2) -> None:
     with log.open("w") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
+        with _CHILDREN_LOCK:
+            if _STOPPING.is_set():  # a queued job of the pool after SIGTERM: start nothing new
+                raise RuntimeError(f"`distill-depth {args[0]}` not started: the benchmark was stopped (SIGTERM)")
+            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            _CHILDREN.add(child)
+        try:
+            returncode = child.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(child)
+    if returncode != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise RuntimeError(f"`distill-depth {args[0]}` failed (exit {result.returncode}); log {log}:\n" + "\n".join(tail))
+        raise RuntimeError(f"`distill-depth {args[0]}` failed (exit {returncode}); log {log}:\n" + "\n".join(tail))
 
 
 def make_data(work: Path, plan: Plan) -> tuple[Path, Path]:
@@ -206,9 +216,21 @@ def train_and_evaluate(run: str, seed: int, work: Path, plan: Plan, shards: tupl
     return result
 
 
+_CHILDREN: set[subprocess.Popen] = set()
+"""The trainings and evaluations running now, one per pool thread (``--jobs``)."""
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
 def _exit_on_sigterm() -> None:
-    """SIGTERM → SystemExit, so that subprocess.run kills the running child instead of orphaning it."""
+    """SIGTERM → kill every running child, start no queued one, then SystemExit. The children run
+    in pool threads, which a signal in the main thread does not reach: without this they would
+    go on training, and the pool would wait for them and then start the queued runs."""
     def handler(signum: int, frame: object) -> None:
+        with _CHILDREN_LOCK:
+            _STOPPING.set()
+            for child in _CHILDREN:
+                child.kill()
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

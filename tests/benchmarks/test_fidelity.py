@@ -184,3 +184,43 @@ def test_two_stage_runs_continue_from_the_single_branch_runs(tmp_path: Path) -> 
     assert stage_one and stage_one == pytest.approx([base_lr] * len(stage_one))
     stage_two = logged_lr("mutual_seed0", "S") + logged_lr("mutual_seed0", "U")
     assert stage_two and stage_two == pytest.approx([0.1 * base_lr] * len(stage_two))
+
+
+def _subcommand(cmdline: list[str]) -> str | None:
+    """``train`` for ``python -m distill_depth.cli train ...`` (not ``synth ... --out .../train``)."""
+    return cmdline[cmdline.index("distill_depth.cli") + 1] if "distill_depth.cli" in cmdline[:-1] else None
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_running_trainings_and_starts_no_queued_one(tmp_path: Path) -> None:
+    """SIGTERM while two trainings run in the pool (``--jobs 2``): both children are killed, no queued
+    run starts, and the benchmark exits (before the fix the pool threads' children trained on)."""
+    import signal
+    import time
+
+    import psutil
+
+    work = tmp_path / "work"
+    command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "sup_only,self_only",
+               "--steps", "5000", "--two-stage", "0", "--fractions", "1,0.25", "--no-failures", "--work", str(work),
+               "--jobs", "2"]
+    bench = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    parent = psutil.Process(bench.pid)
+    try:
+        deadline = time.monotonic() + 300
+        trainings: list[psutil.Process] = []
+        while len(trainings) < 2:
+            assert bench.poll() is None and time.monotonic() < deadline, "two trainings never ran at once"
+            trainings = [p for p in parent.children() if _subcommand(p.cmdline()) == "train"]
+            time.sleep(0.5)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(trainings, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        # three runs were queued (sup_only at two fractions, self_only): the third never started
+        assert len(list((work / "logs").glob("train_*.log"))) == 2
+    finally:
+        for child in parent.children(recursive=True) if bench.poll() is None else []:
+            child.kill()
+        bench.kill()
