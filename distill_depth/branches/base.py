@@ -115,14 +115,18 @@ class BranchBase(nn.Module):
             maps.append((disp_full, self.depth_net.to_depth(disp_full), upsample(conf.float(), size)))
         return maps
 
+    def _learns_from(self, partner: PartnerPrediction | None) -> bool:
+        """Whether this branch's student term is on: a partner sent a prediction and
+        ``loss.distill_direction`` enables this direction."""
+        return partner is not None and self.cfg.loss.distill_direction in ("both", self.distill_direction)
+
     def _distill_term(
         self, prediction: Prediction, partner: PartnerPrediction | None, step: int, scale_align: bool,
         image_weight: Tensor | None = None, region: Tensor | None = None, keep: Tensor | None = None,
     ) -> tuple[Tensor, float]:
         """(L_student<-partner, its ramped weight); (0, 0) when alone or disabled by ``loss.distill_direction``."""
         zero = torch.zeros((), dtype=torch.float32, device=prediction.canonical_depth.device)
-        direction = self.cfg.loss.distill_direction
-        if partner is None or direction not in ("both", self.distill_direction):
+        if not self._learns_from(partner):
             return zero, 0.0
         if list(partner.keys) != list(prediction.keys):
             raise BranchError(

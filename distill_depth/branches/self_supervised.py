@@ -140,7 +140,7 @@ class SelfSupervisedBranch(BranchBase):
             photo = torch.stack(photo_terms).mean()
             smooth = torch.stack(smooth_terms).mean()
             hinted = None
-            if loss_cfg.u_distill_pixels == "reprojects_better" and partner is not None:
+            if loss_cfg.u_distill_pixels == "reprojects_better" and self._learns_from(partner):
                 hinted = self._where_partner_reprojects_better(
                     view, partner, own_error, own_kept, target, sources, list(poses.values()), K
                 )
