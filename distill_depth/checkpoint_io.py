@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 from torch import nn
 
 from distill_depth.config import Config, config_from_dict
@@ -137,14 +137,29 @@ def _weights_location(path: Path) -> tuple[Path, dict[str, Path]]:
 
 def init_branch_weights(model: nn.Module, name: str, path: str | Path, device: torch.device) -> Path:
     """Load branch ``name``'s trained weights from a run / checkpoint / export folder into
-    ``model`` (``train.init_s`` / ``train.init_u``); strict, so a branch built with other
-    settings is an error naming the file. Returns the file read."""
+    ``model`` (``train.init_s`` / ``train.init_u``). Strict on the weights, so a branch built with
+    other settings is an error naming the file; the branch's run state (``run_state_keys``, e.g. S's
+    running partner trust) is not carried over: the new run starts it afresh, whether or not the
+    source run had it. Returns the file read."""
     config_file, files = _weights_location(Path(path))
     if not files[name].is_file():
         raise CheckpointError(f"train.init_{name.lower()}: no weights for branch {name} at {files[name]}")
     folder = config_file.parent
     verify_checkpoint(folder, only=[files[name].relative_to(folder).as_posix()])
-    load_weights(model, files[name], device)
+    run_state = set(getattr(model, "run_state_keys", ()))
+    try:
+        stored = load_file(str(files[name]), device=device_name(device))
+        weights = {k: v for k, v in stored.items() if k not in run_state}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointCorrupt(f"checkpoint file {files[name]}: unreadable ({first_line(exc)})") from None
+    misfit = f"train.init_{name.lower()}: {files[name]} does not fit branch {name} as configured"
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise CheckpointError(f"{misfit} ({first_line(exc)})") from None
+    missing = sorted(set(result.missing_keys) - run_state)
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{misfit} (missing: {missing[:5]}, unexpected: {sorted(result.unexpected_keys)[:5]})")
     return files[name]
 
 

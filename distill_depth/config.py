@@ -153,7 +153,9 @@ class LossConfig:
     U's median log error) at the image's LiDAR points (``losses.lidar_trust``); an image without
     LiDAR gets the running mean of t (momentum ``0.9``, kept in S's state). U's confidence comes from
     photometric errors and says nothing about a wrong scale or a wrong surface that warps well;
-    the LiDAR does."""
+    the LiDAR does. Measured in the two-stage plan (2026-12-07, tuning drives, 25 % labels, 3 seeds):
+    no effect (S -22.0 % vs S-only, as without it): t stays 0.96-1.0, because the mutual S and U it
+    compares have converged toward each other at the LiDAR points."""
     distill_regions: Literal["everywhere", "by_coverage"] = "everywhere"
     """Where each distillation term applies. ``everywhere``: every pixel both branches saw.
     ``by_coverage``: S learns from U only outside its LiDAR's reach (above the top return of each
@@ -165,7 +167,8 @@ class LossConfig:
     per-pixel gradient is ~30x weaker than the LiDAR NLL's (C/τ_s vs λ_d·C_u); under Adam, whose
     step is set by the labelled batches' large gradients, an unlabelled batch then barely moves S.
     30 gives an unlabelled image about the pull of a labelled one (docs/method.md, "readings";
-    docs/fidelity.md, fifth and sixth rounds). 1 = METHOD.md; labelled samples are unaffected,
+    docs/fidelity.md, fifth and sixth rounds). 10 at 25 % labels (ninth round): S -20.1 % vs
+    -22.0 % with 30, U -7.1 % vs -5.8 %. 1 = METHOD.md; labelled samples are unaffected,
     and with every sample labelled the factor has no effect."""
     unlabelled_gain_u_from_s: float = 1.0
     """Factor on U's L_u<-s on samples outside the labelled subset. There S's depth is its own
@@ -180,16 +183,20 @@ class LossConfig:
     batch's dense ground truth (``gt.png``, synthetic training shards), confidence 1 where it is
     defined, in every distillation term. It tests a distillation path with a perfect teacher: a
     student that gets worse from it has a bug in the path, not a bad partner."""
-    distill_gate: Literal["teacher", "relative", "relative_u"] = "teacher"
+    distill_gate: Literal["teacher", "relative", "relative_u", "relative_s"] = "teacher"
     """Per-pixel weight of a distillation term. ``teacher``: sg(C_teacher) (METHOD.md).
     ``relative``: sg(C_teacher) where the teacher is more confident than the student, sg(C_student),
     else 0: a branch learns only where its partner is surer than itself. ``relative_u``: that rule
-    for U's L_u<-s only, S's L_s<-u keeps ``teacher``. Measured (2026-12-07, tuning drives, 25 %
+    for U's L_u<-s only, S's L_s<-u keeps ``teacher``; ``relative_s`` the reverse (S learns from U
+    only where U is surer than S, U keeps ``teacher``). Measured (2026-12-07, tuning drives, 25 %
     labels): ``relative_u`` made U worse than ``teacher`` on both paired seeds (0.230 vs 0.206,
     0.212 vs 0.196) and in every region, most on moving cars (0.742 -> 0.873) and textureless
     patches (0.112 -> 0.130): U's photometric confidence is not low where U is wrong (auto-masking
     leaves it untrained on cars moving with the camera; a uniform surface warps well at a wrong
-    depth), so the gate drops S's teaching exactly where U needs it."""
+    depth), so the gate drops S's teaching exactly where U needs it. ``relative_s`` changed nothing
+    (S -22.1 % vs -22.0 %): C_u exceeds C_s on 97-99 % of the pixels, because the two confidences
+    are trained on different errors (τ_s on log depth, τ_u on photometric error) and do not say
+    which branch is closer to the truth (``benchmarks/teacher_oracle.py``; docs/fidelity.md, ninth round)."""
     ssim_alpha: float = 0.85
     """α of the photometric error pe = α/2 (1 - SSIM) + (1 - α)|a - b|."""
     lambda_smooth: float = 1e-3

@@ -562,15 +562,16 @@ def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_onl
         assert term("cut", first_unlabelled) == pytest.approx((n - 1) / n * log15, rel=1e-4)
 
 
-def test_distill_gate_relative_u_gates_only_us_term(batch: Batch) -> None:
+def test_distill_gate_relative_u_and_s_gate_only_their_branchs_term(batch: Batch) -> None:
     """distill_gate: with a partner 1.5x off everywhere whose confidence is 0.5 on the left half of
     the image and 1 on the right, and a student whose own confidence is forced to 0.75: ``teacher``
     weighs every pixel by the partner's confidence; ``relative`` keeps only the right half (where
-    the partner is surer) in both branches' terms; ``relative_u`` does so for U's term only."""
+    the partner is surer) in both branches' terms; ``relative_u`` does so for U's term only,
+    ``relative_s`` for S's only."""
     half = torch.zeros(1, 1, H, W, dtype=torch.bool)
     half[..., W // 2:] = True
     terms = {}
-    for gate in ("teacher", "relative", "relative_u"):
+    for gate in ("teacher", "relative", "relative_u", "relative_s"):
         cfg = Config()
         cfg.loss.scale_align = "off"
         cfg.loss.distill_gate = gate
@@ -589,6 +590,8 @@ def test_distill_gate_relative_u_gates_only_us_term(batch: Batch) -> None:
         assert terms["relative", name] == pytest.approx(0.5 * log15, rel=1e-4)
     assert terms["relative_u", "S"] == pytest.approx(terms["teacher", "S"], rel=1e-6)
     assert terms["relative_u", "U"] == pytest.approx(terms["relative", "U"], rel=1e-6)
+    assert terms["relative_s", "S"] == pytest.approx(terms["relative", "S"], rel=1e-6)
+    assert terms["relative_s", "U"] == pytest.approx(terms["teacher", "U"], rel=1e-6)
 
 
 def test_u_distill_pixels_reprojects_better_gates_us_term_by_u_s_own_frames() -> None:

@@ -73,3 +73,48 @@ def test_evaluate_and_predict_load_through_checkpoint_io(s_only_run, tmp_path: P
                "--branch", "S", "--format", "npy", "--height", "32", "--width", "64"])
     assert rc == 0
     assert np.load(tmp_path / "out" / "street_S.npy").shape == (40, 90)
+
+
+def _hand_export(folder: Path, overrides: list[str], seed: int) -> tuple[Path, nn.Module]:
+    cfg = load_config(None, ["branches=[S]", *overrides])
+    torch.manual_seed(seed)
+    model = build_branch("S", cfg)
+    (folder / "export").mkdir(parents=True)
+    if "partner_trust" in model.state_dict():
+        model.partner_trust.fill_(0.3)  # a source run's running trust, which must not travel
+    save_model(model, str(folder / "export" / "S.safetensors"))
+    save_config(cfg, folder / "export" / "config.yaml")
+    return folder, model
+
+
+@pytest.mark.parametrize("source_trust, target_trust", [(False, True), (True, False), (True, True)])
+def test_init_weights_skip_the_run_state_of_either_side(tmp_path: Path, source_trust: bool, target_trust: bool) -> None:
+    """train.init_s from a run with or without loss.partner_trust=lidar into one with or without it:
+    every learnt tensor is the source's; S's running trust is the new run's own fresh 1 (the stage-2
+    runs of the fidelity benchmark failed on the missing key before)."""
+    trust = ["loss.partner_trust=lidar"]
+    source, model = _hand_export(tmp_path / "src", trust if source_trust else [], seed=3)
+    torch.manual_seed(4)
+    target = build_branch("S", load_config(None, ["branches=[S]", *(trust if target_trust else [])]))
+    read = checkpoint_io.init_branch_weights(target, "S", source, torch.device("cpu"))
+    assert read == source / "export" / "S.safetensors"
+    loaded = target.state_dict()
+    for key, value in model.state_dict().items():
+        if key != "partner_trust":
+            assert torch.equal(value, loaded[key]), key
+    assert ("partner_trust" in loaded) == target_trust
+    if target_trust:
+        assert loaded["partner_trust"].item() == 1.0
+
+
+@pytest.mark.parametrize("other", ["model.num_scales=3", "model.encoder=resnet34", "model.max_depth=80"])
+def test_init_weights_of_another_architecture_name_the_file(tmp_path: Path, other: str) -> None:
+    """Fewer decoder heads (missing keys), another encoder (other keys and shapes): an error naming
+    the file. A setting that changes no tensor (the depth range) loads."""
+    source, _ = _hand_export(tmp_path / "src", [other], seed=3)
+    target = build_branch("S", load_config(None, ["branches=[S]"]))
+    if other.startswith("model.max_depth"):
+        checkpoint_io.init_branch_weights(target, "S", source, torch.device("cpu"))
+        return
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"train.init_s: .*S.safetensors does not fit branch S"):
+        checkpoint_io.init_branch_weights(target, "S", source, torch.device("cpu"))

@@ -50,6 +50,9 @@ class BranchBase(nn.Module):
     name: str
     distill_direction: str  # the value of ``loss.distill_direction`` that enables this branch's student term
     memory_format = torch.contiguous_format  # train.channels_last sets it with the weights (train/speed.py)
+    # buffers that are state of one training run, not learnt weights: saved for exact resume, but a
+    # new run that starts from these weights (train.init_s / init_u) starts them afresh
+    run_state_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, strength: str) -> None:
         super().__init__()
@@ -138,7 +141,7 @@ class BranchBase(nn.Module):
         if region is not None:
             mask = mask & region.to(device)
         gate = self.cfg.loss.distill_gate
-        relative = gate == "relative" or (gate == "relative_u" and self.name == "U")
+        relative = gate in ("relative", f"relative_{self.name.lower()}")
         term = distill(
             prediction.canonical_depth,
             partner.depth.to(device),

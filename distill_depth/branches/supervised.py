@@ -21,6 +21,7 @@ class SupervisedBranch(BranchBase):
     distill_direction = "s_from_u"
 
     TRUST_MOMENTUM = 0.9
+    run_state_keys = ("partner_trust",)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, cfg.augment.s_strength)
