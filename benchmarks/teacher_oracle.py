@@ -19,8 +19,10 @@ per region of the shards' ``regions.png`` and over all pixels:
 * the AbsRel of per-pixel selections: S or U by the oracle (a bound on what any gate could pick),
   by each rule, and the evaluation's confidence-weighted fusion.
 
-Everything is computed from the evaluation's own pieces (``distill_depth.evaluation``), so it
-matches ``distill-depth evaluate --protocol dense --regions`` for the per-branch AbsRel.
+Everything is computed from the evaluation's own pieces (``distill_depth.evaluation``): the final
+depths are those ``distill-depth evaluate --protocol dense --save-predictions`` writes. AbsRel here
+is pooled over the pixels; ``evaluate`` reports the mean of per-image AbsRels, so the two differ by
+how much each image weighs.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def analyse(models: dict, cfg_s, cfg_u, shards: str, batch_size: int = 4) -> dic
     """{region or "all": row of :func:`summarise`} over every image of ``shards``."""
     protocol = get_protocol("dense")
     size = training_size(cfg_s)
-    scaling = {"S": needs_median_scaling(cfg_s, "auto", "S"), "U": needs_median_scaling(cfg_u, "auto", "U")}
+    configs = {"S": cfg_s, "U": cfg_u, "fused": cfg_s}  # the fusion takes S's scale
+    scaling = {name: needs_median_scaling(cfg, "auto", name) for name, cfg in configs.items()}
     gathered: dict[str, list[dict[str, Tensor]]] = {name: [] for name in ("all", *REGION_BITS)}
     for batch in eval_batches(shards, batch_size, 0, 1, num_workers=0):
         if batch.regions is None:
@@ -110,7 +113,7 @@ def analyse(models: dict, cfg_s, cfg_u, shards: str, batch_size: int = 4) -> dic
         raw["fused"] = fuse(*raw["S"], *raw["U"], align_u_scale=fusion_aligns_u(cfg_u))
         final, confidence = {}, {}
         for name, (depth, conf) in raw.items():
-            final[name], _ = prepare_prediction(depth, gt, mask, protocol, median_scaling=scaling.get(name, False))
+            final[name], _ = prepare_prediction(depth, gt, mask, protocol, median_scaling=scaling[name])
             confidence[name] = resize_map(conf, tuple(gt.shape[-2:]))
         columns = pixel_table(final["S"], confidence["S"], final["U"], confidence["U"], final["fused"], gt)
         regions = batch.regions.to(torch.int32)

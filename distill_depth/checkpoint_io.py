@@ -97,12 +97,16 @@ def _check_file(file: Path, record: dict[str, Any]) -> None:
         raise CheckpointCorrupt(f"checkpoint file {file}: unreadable ({exc.strerror or exc})") from None
 
 
+def _unreadable(file: Path, exc: BaseException) -> CheckpointCorrupt:
+    return CheckpointCorrupt(f"checkpoint file {file}: unreadable ({first_line(exc)})")
+
+
 def load_weights(model: nn.Module, file: Path, device: torch.device) -> None:
     """safetensors weights into ``model`` (strict); an unreadable file is :class:`CheckpointCorrupt`."""
     try:
         load_model(model, str(file), strict=True, device=device_name(device))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointCorrupt(f"checkpoint file {file}: unreadable ({first_line(exc)})") from None
+        raise _unreadable(file, exc) from None
 
 
 def first_line(exc: BaseException) -> str:
@@ -151,7 +155,7 @@ def init_branch_weights(model: nn.Module, name: str, path: str | Path, device: t
         stored = load_file(str(files[name]), device=device_name(device))
         weights = {k: v for k, v in stored.items() if k not in run_state}
     except (SafetensorError, OSError) as exc:
-        raise CheckpointCorrupt(f"checkpoint file {files[name]}: unreadable ({first_line(exc)})") from None
+        raise _unreadable(files[name], exc) from None
     misfit = f"train.init_{name.lower()}: {files[name]} does not fit branch {name} as configured"
     try:
         result = model.load_state_dict(weights, strict=False)
