@@ -57,7 +57,18 @@ QUICK_RUNS = ("sup_only", "self_only", "mutual")
 BRANCHES = {"sup_only": "S", "self_only": "U", **{run: "SU" for run in RUNS if run not in ("sup_only", "self_only")}}
 """The branches each run trains."""
 LABEL_FREE_RUNS = ("self_only",)
-"""Runs without branch S: the labelled fraction changes nothing in them, so a sweep runs them once."""
+"""Runs without branch S: the labelled fraction changes nothing in them, so a sweep runs them once
+(unless the overrides make U read labels: :func:`u_reads_labels`)."""
+
+
+def u_reads_labels(overrides: tuple[str, ...] | list[str]) -> bool:
+    """Whether branch U trains on LiDAR under these overrides (``loss.u_confidence_target=lidar``:
+    its shown confidence learns from the labelled images). Then U-only runs and U's stage 1 follow
+    the label fraction like S's, so no U sees the LiDAR of an image outside the labelled subset."""
+    from distill_depth.config import load_config
+
+    cfg = load_config(REPO / "configs" / "bench_self_only.yaml", list(overrides))
+    return cfg.loss.u_confidence_target == "lidar"
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,30 @@ def run_dir(work: Path, run: str, fraction: float, seed: int, stage: int = 2) ->
     return work / "runs" / (("stage1_" if stage == 1 else "") + label(run, fraction).replace("@", "_f") + f"_seed{seed}")
 
 
+def stage_one_sources(run: str, fraction: float, seed: int, work: Path, overrides: tuple[str, ...]) -> dict[str, Path]:
+    """Branch → the stage-1 run its stage 2 starts from: S-only at the run's fraction; U-only at
+    fraction 1, or at the run's fraction when U reads labels (:func:`u_reads_labels`)."""
+    u_fraction = fraction if u_reads_labels(overrides) else 1.0
+    return {branch: run_dir(work, BASELINES[branch], f, seed, stage=1)
+            for branch, f in (("S", fraction), ("U", u_fraction)) if branch in BRANCHES[run]}
+
+
+def plan_jobs(runs: tuple[str, ...], fractions: tuple[float, ...], seeds: tuple[int, ...],
+              overrides: tuple[str, ...], two_stage: bool) -> tuple[dict[str, tuple[str, float]], list]:
+    """(labels, stage-1 jobs): every result label → (run, fraction), and the (run, fraction, seed)
+    single-branch trainings of stage 1 (none without ``two_stage``). U alone never sees labels
+    unless the overrides say it does: then it runs once, at fraction 1, whatever the sweep."""
+    u_reads = u_reads_labels(overrides)
+    label_free = () if u_reads else LABEL_FREE_RUNS
+    labels = {label(run, f): (run, f) for f in fractions for run in runs if not (run in label_free and f < 1.0)}
+    labels.update({run: (run, 1.0) for run in runs if run in label_free})
+    first = []
+    if two_stage:
+        first = sorted({(BASELINES[b], f, seed) for (run, fraction) in labels.values() for seed in seeds
+                        for b, f in (("S", fraction), ("U", fraction if u_reads else 1.0)) if b in BRANCHES[run]})
+    return labels, first
+
+
 def train(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path], overrides: tuple[str, ...],
           threads: int, fraction: float = 1.0, stage: int = 2) -> dict:
     """Train one (run, seed, labelled fraction) unless its export exists; returns its timings. A
@@ -170,8 +205,8 @@ def train(run: str, seed: int, work: Path, plan: Plan, shards: tuple[Path, Path]
         overrides = (*overrides, f"data.labelled_fraction={fraction:g}")
     steps = plan.first_stage_steps if stage == 1 else plan.steps
     if stage == 2 and plan.first_stage_steps:
-        overrides = (*overrides, *(f"train.init_{branch.lower()}={run_dir(work, BASELINES[branch], f, seed, stage=1)}"
-                                   for branch, f in (("S", fraction), ("U", 1.0)) if branch in BRANCHES[run]))
+        overrides = (*overrides, *(f"train.init_{branch.lower()}={folder}"
+                                   for branch, folder in stage_one_sources(run, fraction, seed, work, overrides).items()))
         if plan.second_stage_lr_factor != 1.0:
             overrides = (*overrides, "optim.schedule=step", "optim.milestones=[0]",
                          f"optim.decay_factor={plan.second_stage_lr_factor:g}")
@@ -336,15 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     shards = make_data(work, plan)
     print(f"data ready in {time.perf_counter() - start:.0f} s: {shards[0]}, {shards[1]}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    # U alone never sees labels: it runs once, at fraction 1, whatever the sweep
-    labels = {label(run, f): (run, f) for f in args.fractions for run in args.runs
-              if not (run in LABEL_FREE_RUNS and f < 1.0)}
-    if any(run in LABEL_FREE_RUNS for run in args.runs):
-        labels.update({run: (run, 1.0) for run in args.runs if run in LABEL_FREE_RUNS})
+    labels, first = plan_jobs(args.runs, args.fractions, args.seeds, tuple(args.overrides), bool(plan.first_stage_steps))
     jobs = [(name, seed) for name in labels for seed in args.seeds]
-    if plan.first_stage_steps:
-        first = sorted({(BASELINES[b], f if b == "S" else 1.0, seed) for name in labels for seed in args.seeds
-                        for b, f in (("S", labels[name][1]), ("U", 1.0)) if b in BRANCHES[labels[name][0]]})
+    if first:
 
         def stage_one(job: tuple[str, float, int]) -> None:
             run, fraction, seed = job

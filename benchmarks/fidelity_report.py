@@ -26,11 +26,15 @@ def split_label(name: str) -> tuple[str, float]:
     return run, float(fraction) if fraction else 1.0
 
 
-def baseline_label(name: str, branch: str) -> str:
-    """The single-branch run a branch of ``name`` is compared with, at the same label fraction for S."""
+def baseline_label(name: str, branch: str, results: dict | None = None) -> str:
+    """The single-branch run a branch of ``name`` is compared with, at the same label fraction for
+    S; for U as well when ``results`` holds U-only at that fraction (U trained on labels,
+    ``loss.u_confidence_target: lidar``), else U-only without a fraction."""
     _, fraction = split_label(name)
     baseline = BASELINES[branch]
-    return label(baseline, fraction) if branch == "S" else baseline
+    if branch == "S" or (results is not None and label(baseline, fraction) in results):
+        return label(baseline, fraction)
+    return baseline
 
 
 def summarize(per_seed: dict[int, dict]) -> dict:
@@ -84,7 +88,7 @@ def paired_differences(results: dict[str, dict], per_seed: dict[str, dict[int, d
             continue
         row = {}
         for branch in BASELINES:
-            baseline = baseline_label(run, branch)
+            baseline = baseline_label(run, branch, results)
             key = "ms" if results.get(baseline, {}).get("median_scaling", {}).get(branch) else "auto"
             pairs = [(r[key][branch]["abs_rel"], per_seed[baseline][s][key][branch]["abs_rel"])
                      for s, r in per_seed.get(run, {}).items()
@@ -144,8 +148,8 @@ def _abs_rel(result: dict, branch: str) -> float | None:
 
 def fraction_curve(results: dict[str, dict]) -> dict[str, dict[float, float]]:
     """The semi-supervised curve: AbsRel against the labelled fraction, one series per run and
-    branch (``"sup_only S"``, ``"mutual S"``, ``"mutual U"``...). U-only has no fraction: it is a
-    flat line over the fractions of the others."""
+    branch (``"sup_only S"``, ``"mutual S"``, ``"mutual U"``...). U-only without a fraction (it
+    reads no labels) is a flat line over the fractions of the others."""
     series: dict[str, dict[float, float]] = {}
     fractions = sorted({split_label(name)[1] for name in results})
     for name, result in results.items():
@@ -154,7 +158,7 @@ def fraction_curve(results: dict[str, dict]) -> dict[str, dict[float, float]]:
             value = _abs_rel(result, branch)
             if value is None:
                 continue
-            if run == BASELINES["U"]:
+            if run == BASELINES["U"] and not any(split_label(n) == (run, f) for n in results for f in fractions if f < 1):
                 series.setdefault(f"{run} {branch}", {}).update({f: value for f in fractions})
             else:
                 series.setdefault(f"{run} {branch}", {})[fraction] = value

@@ -144,6 +144,20 @@ class LossConfig:
     so U does not teach its partner with an untrained confidence where it had no evidence.
     Measured (2026-12-07, tuning drives, 25 % labels, 3 seeds): U better on moving cars (0.584 vs
     0.672) but not on the mean (-5.5 % vs -5.8 % against U-only, one seed +4.9 %), S -19.9 % vs -22.0 %."""
+    u_confidence_target: Literal["photometric", "lidar"] = "photometric"
+    """The confidence U shows its partner, evaluation and predict. ``photometric``: its depth net's,
+    learnt from the photometric error (METHOD.md). ``lidar``: a second, small net's
+    (``models.ErrorConfidenceNet``, on U's image and detached disparity and confidence), learnt
+    toward min(1, τ_s/ρ) of U's log-depth error at the LiDAR pixels of labelled images
+    (``losses.lidar_confidence_nll``): the quantity S's held-out points teach C_s, so both
+    confidences share one scale and ``distill_gate: relative`` compares like with like. U's own
+    loss keeps its photometric confidence, and nothing of the LiDAR reaches U's depth (U-only's
+    depth is bit-identical with or without it). Measured in the two-stage plan (2026-12-07, tuning
+    drives, 25 % labels, 3 seeds; docs/fidelity.md, tenth round): S -21.6 % vs S-only (-22.0 % with
+    ``photometric``), U -7.0 % vs U-only with every seed better (-5.8 %, one seed +0.5 %), but U's
+    AURG fell (+0.049 vs +0.062) and the shared-scale C_u still agrees with the per-pixel oracle at
+    chance (53-56 %); with ``distill_gate: relative`` both branches lost (S -18.9 %, U -1.4 %).
+    Not yet checked on the held-out drives: an option, not the default."""
     u_distill_pixels: Literal["all", "reprojects_better"] = "all"
     """Where U learns from S (L_u<-s). ``all``: every pixel both branches saw (METHOD.md).
     ``reprojects_better``: Depth Hints' rule (Watson et al., ICCV 2019) with S's depth as the hint:
@@ -163,11 +177,17 @@ class LossConfig:
     the LiDAR does. Measured in the two-stage plan (2026-12-07, tuning drives, 25 % labels, 3 seeds):
     no effect (S -22.0 % vs S-only, as without it): t stays 0.96-1.0, because the mutual S and U it
     compares have converged toward each other at the LiDAR points."""
-    distill_regions: Literal["everywhere", "by_coverage"] = "everywhere"
+    distill_regions: Literal["everywhere", "by_coverage", "by_sensor_coverage"] = "everywhere"
     """Where each distillation term applies. ``everywhere``: every pixel both branches saw.
     ``by_coverage``: S learns from U only outside its LiDAR's reach (above the top return of each
     column, columns without returns) and U from S only inside it (where S's depth is supervised);
-    images without LiDAR (unlabelled) keep every pixel both ways. The labels decide who teaches."""
+    images without LiDAR (unlabelled) keep every pixel both ways. The labels decide who teaches.
+    ``by_sensor_coverage``: the same on labelled images; an unlabelled image gets the sensor's reach,
+    the rows between the running mean of the labelled images' top and bottom returns (their
+    median over columns): the beams' elevation range is a property of the rig, not of the image.
+    Measured (2026-12-07, tuning drives, 25 % labels, 3 seeds, two-stage plan): S -14.2 % vs S-only
+    (-22.0 % everywhere), U -0.9 % (-5.8 %): S got worse on its own LiDAR rows (0.290 vs 0.242)
+    without U's teaching there, so that teaching was helping (docs/fidelity.md, tenth round)."""
     unlabelled_gain_s_from_u: float = 30.0
     """Factor on S's L_s<-u on samples outside the labelled subset (``data.labelled_fraction``, or
     shards' unlabelled frames). There L_s<-u is S's only depth signal, and at the defaults its

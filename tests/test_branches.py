@@ -467,6 +467,55 @@ def test_u_confidence_on_all_pixels_trains_it_where_automasking_drops_them() -> 
     assert disp_all == 0.0
 
 
+def test_u_confidence_target_lidar_shows_a_lidar_trained_confidence_and_leaves_u_blind_to_lidar() -> None:
+    """u_confidence_target=lidar: U shows (partner, infer) the ErrorConfidenceNet's confidence, which
+    learns U's LiDAR error on labelled images only (the term equals lidar_confidence_nll there); the
+    depth net's gradients do not depend on the LiDAR at all, and without a labelled image the
+    confidence net gets no gradient."""
+    from distill_depth.losses import lidar_confidence_nll
+
+    base = synthetic_batch(2, H, W)
+
+    def step(batch: Batch, labelled: list[bool]):
+        torch.manual_seed(0)
+        cfg = Config()
+        cfg.loss.u_confidence_target = "lidar"
+        cfg.augment.flip_p = 0.0  # the view is the canonical frame: sparse[1] = 0 below is exact
+        u_branch = build_branch("U", cfg).train()
+        batch = replace(batch, labelled=torch.tensor(labelled))
+        prediction = u_branch(batch)
+        total, terms = u_branch.loss(batch, prediction, None, 0)
+        total.backward()
+        grads = {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                 for name, p in u_branch.named_parameters()}
+        return u_branch, batch, prediction, terms, grads
+
+    u_branch, batch, prediction, terms, grads = step(base, [True, False])
+    shown = prediction.extras["shown_confidence"]
+    assert not torch.equal(shown, prediction.confidence[0])
+    assert torch.allclose(prediction.for_partner().confidence, u_branch._clean_teacher(batch)[1])
+    assert torch.allclose(u_branch.infer(base.image)[1], u_branch.eval()(batch).canonical_confidence, atol=1e-6)
+    sparse = base.sparse_depth.clone()
+    sparse[1] = 0.0
+    # monocular U (the default u_sources): its depth is median-scaled to the LiDAR first
+    expected = lidar_confidence_nll(prediction.depth[0], shown, sparse, 0.1, align_scale=True)
+    assert terms["lidar_conf_nll"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert sum(g.abs().sum() for n, g in grads.items() if n.startswith("error_confidence")) > 0
+
+    # other LiDAR values (not a uniform factor, which the median scaling would cancel): the
+    # confidence net learns another error, every other network exactly the same gradient
+    warp = torch.linspace(0.5, 2.0, W).view(1, 1, 1, W)
+    _, _, _, other_terms, other_grads = step(replace(base, sparse_depth=base.sparse_depth * warp), [True, False])
+    assert other_terms["lidar_conf_nll"].item() != pytest.approx(terms["lidar_conf_nll"].item(), rel=1e-3)
+    for name, grad in grads.items():
+        if not name.startswith("error_confidence"):
+            assert torch.equal(grad, other_grads[name]), name
+
+    _, _, _, none_terms, none_grads = step(base, [False, False])
+    assert none_terms["lidar_conf_nll"].item() == 0.0
+    assert sum(g.abs().sum() for n, g in none_grads.items() if n.startswith("error_confidence")) == 0
+
+
 def test_partner_trust_scales_s_from_u_by_the_lidar_error_ratio(batch: Batch) -> None:
     """partner_trust=lidar: a partner whose depth is off by a factor 2 at the LiDAR points is
     trusted less than one that equals S's own prediction; the running trust moves toward the
@@ -522,6 +571,54 @@ def test_distill_regions_by_coverage_splits_who_teaches_where(batch: Batch) -> N
     assert u_all > 0.1  # now the outside pixels count for U too
 
 
+
+
+def test_lidar_rows_are_the_median_top_and_bottom_return_per_image() -> None:
+    from distill_depth.branches.base import lidar_rows
+
+    sparse = torch.zeros(2, 1, 21, 12)
+    sparse[0, :, 5:16:2, ::2] = 10.0  # rows 5..15 in every other column
+    sparse[0, :, 9, 1] = 10.0  # one column reaching only row 9: the median ignores it
+    sparse[1, :, 10:21:5, :] = 10.0  # rows 10..20
+    assert torch.allclose(lidar_rows(sparse), torch.tensor([[5 / 20, 15 / 20], [10 / 20, 20 / 20]]))
+
+
+def test_distill_regions_by_sensor_coverage_gives_unlabelled_images_the_sensors_reach() -> None:
+    """by_sensor_coverage: a labelled image keeps its own coverage; an unlabelled one gets the rows
+    between the running top and bottom return rows of the labelled images seen in training (S's term
+    outside, U's inside); before any labelled image, every pixel; evaluation does not update it."""
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.loss.distill_regions = "by_sensor_coverage"
+    batch = synthetic_batch(2, H, W)
+    sparse = torch.zeros_like(batch.sparse_depth)
+    sparse[..., 10:21:2, ::3] = batch.gt_depth[..., 10:21:2, ::3]  # rows 10..20 of 32
+    s_branch, u_branch = build_branch("S", cfg).train(), build_branch("U", cfg).train()
+    assert build_branch("S", Config()).state_dict().keys().isdisjoint({"lidar_reach"})
+
+    nothing = replace(batch, sparse_depth=sparse, labelled=torch.tensor([False, False]))
+    assert s_branch._distill_region(nothing, inside=False).all()
+    assert s_branch.lidar_reach.isnan().all()
+
+    mixed = replace(batch, sparse_depth=sparse, labelled=torch.tensor([True, False]))
+    outside = s_branch._distill_region(mixed, inside=False)
+    inside = u_branch._distill_region(mixed, inside=True)
+    assert torch.allclose(s_branch.lidar_reach, torch.tensor([10 / 31, 20 / 31]))
+    band = torch.zeros(H, dtype=torch.bool)
+    band[10:21] = True
+    assert torch.equal(outside[1, 0, :, 0], ~band) and torch.equal(inside[1, 0, :, 0], band)
+    assert not outside[1, 0, 10:21].any() and inside[1, 0, 10:21].all()
+    from distill_depth.losses import lidar_coverage
+
+    own, _ = lidar_coverage(sparse[:1])
+    assert torch.equal(outside[0], ~own[0]) and torch.equal(inside[0], own[0])
+
+    lower = torch.zeros_like(sparse)
+    lower[..., 20:31:2, ::3] = batch.gt_depth[..., 20:31:2, ::3]  # rows 20..30
+    s_branch.eval()._distill_region(replace(batch, sparse_depth=lower, labelled=torch.tensor([True, True])), False)
+    assert torch.allclose(s_branch.lidar_reach, torch.tensor([10 / 31, 20 / 31]))
+    s_branch.train()._distill_region(replace(batch, sparse_depth=lower, labelled=torch.tensor([True, True])), False)
+    assert torch.allclose(s_branch.lidar_reach, torch.tensor([0.9 * 10 / 31 + 0.1 * 20 / 31, 0.9 * 20 / 31 + 0.1 * 30 / 31]))
 
 
 def test_unlabelled_gains_scale_each_distillation_term_on_unlabelled_samples_only(batch: Batch) -> None:

@@ -80,31 +80,39 @@ def _hand_export(folder: Path, overrides: list[str], seed: int) -> tuple[Path, n
     torch.manual_seed(seed)
     model = build_branch("S", cfg)
     (folder / "export").mkdir(parents=True)
-    if "partner_trust" in model.state_dict():
-        model.partner_trust.fill_(0.3)  # a source run's running trust, which must not travel
+    for key in model.run_state_keys:
+        if key in model.state_dict():
+            getattr(model, key).fill_(0.3)  # a source run's running state, which must not travel
     save_model(model, str(folder / "export" / "S.safetensors"))
     save_config(cfg, folder / "export" / "config.yaml")
     return folder, model
 
 
-@pytest.mark.parametrize("source_trust, target_trust", [(False, True), (True, False), (True, True)])
-def test_init_weights_skip_the_run_state_of_either_side(tmp_path: Path, source_trust: bool, target_trust: bool) -> None:
-    """train.init_s from a run with or without loss.partner_trust=lidar into one with or without it:
-    every learnt tensor is the source's; S's running trust is the new run's own fresh 1 (the stage-2
-    runs of the fidelity benchmark failed on the missing key before)."""
-    trust = ["loss.partner_trust=lidar"]
-    source, model = _hand_export(tmp_path / "src", trust if source_trust else [], seed=3)
+RUN_STATE = {"partner_trust": ("loss.partner_trust=lidar", 1.0), "lidar_reach": ("loss.distill_regions=by_sensor_coverage", None)}
+"""S's run state → (the option that creates it, its fresh value; None = NaN, "not measured yet")."""
+
+
+@pytest.mark.parametrize("state", sorted(RUN_STATE))
+@pytest.mark.parametrize("source_has, target_has", [(False, True), (True, False), (True, True)])
+def test_init_weights_skip_the_run_state_of_either_side(tmp_path: Path, state: str, source_has: bool,
+                                                        target_has: bool) -> None:
+    """train.init_s from a run with or without an option that keeps run state (S's running trust,
+    the LiDAR's running reach) into one with or without it: every learnt tensor is the source's;
+    the state is the new run's own fresh value (the stage-2 runs of the fidelity benchmark failed on
+    the missing key before)."""
+    option, fresh = RUN_STATE[state]
+    source, model = _hand_export(tmp_path / "src", [option] if source_has else [], seed=3)
     torch.manual_seed(4)
-    target = build_branch("S", load_config(None, ["branches=[S]", *(trust if target_trust else [])]))
+    target = build_branch("S", load_config(None, ["branches=[S]", *([option] if target_has else [])]))
     read = checkpoint_io.init_branch_weights(target, "S", source, torch.device("cpu"))
     assert read == source / "export" / "S.safetensors"
     loaded = target.state_dict()
     for key, value in model.state_dict().items():
-        if key != "partner_trust":
+        if key != state:
             assert torch.equal(value, loaded[key]), key
-    assert ("partner_trust" in loaded) == target_trust
-    if target_trust:
-        assert loaded["partner_trust"].item() == 1.0
+    assert (state in loaded) == target_has
+    if target_has:
+        assert (loaded[state].isnan().all() if fresh is None else (loaded[state] == fresh).all())
 
 
 @pytest.mark.parametrize("other", ["model.num_scales=3", "model.encoder=resnet34", "model.max_depth=80"])

@@ -9,6 +9,8 @@ arrives detached (``PartnerPrediction``), so no gradient crosses between branche
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 from distill_depth.augment import AugmentedView, build_augmenter
 from distill_depth.config import Config
 from distill_depth.losses import distill, distill_ramp, lidar_coverage, upsample
-from distill_depth.models import DepthNet
+from distill_depth.models import DepthNet, ErrorConfidenceNet
 from distill_depth.types import Batch, PartnerPrediction, Prediction
 
 TEMPORAL_SOURCES = ("prev", "next")
@@ -40,6 +42,41 @@ def labelled_lidar(batch: Batch) -> Tensor:
     return sparse.masked_fill(~batch.labelled.to(sparse.device).view(-1, 1, 1, 1), 0.0)
 
 
+def view_lidar(batch: Batch, view: AugmentedView) -> tuple[Tensor, Tensor]:
+    """(sparse, labelled): the augmented view's LiDAR (B, 1, H, W) fp32, zero on samples outside the
+    labelled subset, and that subset (B,) bool (every sample when the batch does not say). An
+    unlabelled sample's LiDAR, if a caller left any, is no supervision."""
+    sparse = view.sparse_depth.float()
+    if batch.labelled is None:
+        labelled = torch.ones(sparse.shape[0], dtype=torch.bool, device=sparse.device)
+    else:
+        labelled = batch.labelled.to(sparse.device)
+    return sparse.masked_fill(~labelled.view(-1, 1, 1, 1), 0.0), labelled
+
+
+def lidar_rows(sparse_depth: Tensor) -> Tensor:
+    """(B, 2): per image, the median over columns with a return of the column's top and bottom
+    return row, as fractions of the height (a sensor property: the beams' elevation range).
+    sparse_depth (B, 1, H, W) with at least one return per image."""
+    hit = torch.isfinite(sparse_depth) & (sparse_depth > 0)
+    height = hit.shape[-2]
+    rows = torch.arange(height, device=hit.device).view(1, 1, -1, 1).float()
+    top = torch.where(hit, rows, math.inf).amin(dim=-2).flatten(1)
+    bottom = torch.where(hit, rows, -math.inf).amax(dim=-2).flatten(1)
+    out = []
+    for t, b in zip(top, bottom):
+        columns = torch.isfinite(t)
+        out.append(torch.stack([t[columns].median(), b[columns].median()]))
+    return torch.stack(out) / (height - 1)
+
+
+def sensor_band(reach: Tensor, height: int, device: torch.device) -> Tensor:
+    """(1, 1, height, 1) bool: the rows between the (top, bottom) fractions of ``reach``."""
+    rows = torch.arange(height, device=device).view(1, 1, -1, 1) / (height - 1)
+    reach = reach.to(device)
+    return (rows >= reach[0]) & (rows <= reach[1])
+
+
 class BranchError(ValueError):
     """A batch or partner prediction does not fit what the branch needs; the message says what."""
 
@@ -52,19 +89,37 @@ class BranchBase(nn.Module):
     memory_format = torch.contiguous_format  # train.channels_last sets it with the weights (train/speed.py)
     # buffers that are state of one training run, not learnt weights: saved for exact resume, but a
     # new run that starts from these weights (train.init_s / init_u) starts them afresh
-    run_state_keys: tuple[str, ...] = ()
+    run_state_keys: tuple[str, ...] = ("lidar_reach",)
+    REACH_MOMENTUM = 0.9
 
     def __init__(self, cfg: Config, strength: str) -> None:
         super().__init__()
         self.cfg = cfg
         self.augmenter = build_augmenter(strength, cfg.augment)
         self.depth_net = DepthNet(cfg.model)
+        # the confidence this branch shows its partner, evaluation and predict, when it is not the
+        # depth net's own (U under loss.u_confidence_target: lidar)
+        self.error_confidence: ErrorConfidenceNet | None = None
+        if cfg.loss.distill_regions == "by_sensor_coverage":
+            # (top, bottom) row of the LiDAR's reach as fractions of the height; NaN until a labelled
+            # image is seen. State only when the option is on: other runs' exports load unchanged
+            self.register_buffer("lidar_reach", torch.full((2,), float("nan")))
+
+    def _shown_confidence(self, image: Tensor, disparity: Tensor, confidence: Tensor) -> Tensor:
+        """(B, 1, H, W) fp32: the confidence this branch shows outside its own loss (partner,
+        evaluation, predict): the depth net's full-resolution confidence, or the
+        ``ErrorConfidenceNet``'s when the branch has one."""
+        if self.error_confidence is None:
+            return confidence.float()
+        return self.error_confidence(image, disparity, confidence).float()
 
     def _predict_depth(self, view: AugmentedView, batch: Batch) -> Prediction:
-        disps, confs = self.depth_net(network_input(view.image, self.memory_format))
+        image = network_input(view.image, self.memory_format)
+        disps, confs = self.depth_net(image)
         depths = [self.depth_net.to_depth(d) for d in disps]
         confs = [c.float() for c in confs]
-        canonical, valid = view.to_canonical(torch.cat([depths[0], confs[0]], dim=1))
+        shown = self._shown_confidence(image, disps[0], confs[0])
+        canonical, valid = view.to_canonical(torch.cat([depths[0], shown], dim=1))
         canonical_depth = canonical[:, :1]
         if view.depth_to_canonical is not None:
             canonical_depth = canonical_depth * view.depth_to_canonical.view(-1, 1, 1, 1)
@@ -76,7 +131,7 @@ class BranchBase(nn.Module):
             canonical_confidence=canonical[:, 1:2],
             canonical_valid=valid,
             keys=list(batch.keys),
-            extras={"view": view, "disp": disps},
+            extras={"view": view, "disp": disps, "shown_confidence": shown},
             teacher=teacher,
         )
 
@@ -101,13 +156,14 @@ class BranchBase(nn.Module):
         try:
             for m in norms:
                 m.momentum = 0.0
-            disps, confs = self.depth_net(network_input(batch.image, self.memory_format))
+            image = network_input(batch.image, self.memory_format)
+            disps, confs = self.depth_net(image)
         finally:
             for m, momentum, count in zip(norms, momenta, tracked):
                 m.momentum = momentum
                 if count is not None:
                     m.num_batches_tracked.copy_(count)
-        return self.depth_net.to_depth(disps[0]).float(), confs[0].float()
+        return self.depth_net.to_depth(disps[0]).float(), self._shown_confidence(image, disps[0], confs[0])
 
     def _scaled_maps(self, prediction: Prediction, size: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per scale: (disp, depth, confidence) upsampled to ``size`` in fp32 (disparity is the
@@ -180,13 +236,38 @@ class BranchBase(nn.Module):
         return per_image if trust is None else trust * per_image.to(trust.device)
 
     def _distill_region(self, batch: Batch, inside: bool) -> Tensor | None:
-        """``loss.distill_regions: by_coverage``: (B, 1, H, W) bool, the pixels inside (U's term)
-        or outside (S's term) the LiDAR's reach of labelled images, every pixel of the others."""
-        if self.cfg.loss.distill_regions != "by_coverage":
+        """``loss.distill_regions``: (B, 1, H, W) bool, the pixels inside (U's term) or outside (S's
+        term) the LiDAR's reach; None for ``everywhere``. A labelled image's reach is its own
+        (``by_coverage`` and ``by_sensor_coverage``); an unlabelled image keeps every pixel under
+        ``by_coverage`` and gets the sensor's reach under ``by_sensor_coverage`` (every pixel until a
+        labelled image has shown it)."""
+        mode = self.cfg.loss.distill_regions
+        if mode == "everywhere":
             return None
-        covered, has_lidar = lidar_coverage(labelled_lidar(batch))
+        sparse = labelled_lidar(batch)
+        covered, has_lidar = lidar_coverage(sparse)
+        known = has_lidar
+        if mode == "by_sensor_coverage":
+            reach = self._sensor_reach(sparse, has_lidar)
+            if torch.isfinite(reach).all():
+                band = sensor_band(reach, covered.shape[-2], covered.device)
+                covered = torch.where(has_lidar.view(-1, 1, 1, 1), covered, band)
+                known = torch.ones_like(has_lidar)
         region = covered if inside else ~covered
-        return region | ~has_lidar.view(-1, 1, 1, 1)
+        return region | ~known.view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def _sensor_reach(self, sparse: Tensor, has_lidar: Tensor) -> Tensor:
+        """(2,) the LiDAR's (top, bottom) reach, fractions of the height: in training, a running mean
+        (momentum ``REACH_MOMENTUM``) of each labelled image's :func:`lidar_rows`; the first
+        measurement is taken as it is."""
+        if self.training and has_lidar.any():
+            measured = lidar_rows(sparse[has_lidar.to(sparse.device)]).mean(dim=0).to(self.lidar_reach)
+            if torch.isfinite(self.lidar_reach).all():
+                self.lidar_reach.mul_(self.REACH_MOMENTUM).add_((1 - self.REACH_MOMENTUM) * measured)
+            else:
+                self.lidar_reach.copy_(measured)
+        return self.lidar_reach
 
     @torch.no_grad()
     def infer(self, image: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,7 +279,8 @@ class BranchBase(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            disps, confs = self.depth_net(network_input(image, self.memory_format))
-            return self.depth_net.to_depth(disps[0]), confs[0].float()
+            image = network_input(image, self.memory_format)
+            disps, confs = self.depth_net(image)
+            return self.depth_net.to_depth(disps[0]), self._shown_confidence(image, disps[0], confs[0])
         finally:
             self.train(was_training)

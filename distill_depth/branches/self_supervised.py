@@ -7,11 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill_depth.augment import AugmentedView
-from distill_depth.branches.base import TEMPORAL_SOURCES, BranchBase, BranchError, network_input
+from distill_depth.branches.base import TEMPORAL_SOURCES, BranchBase, BranchError, network_input, view_lidar
 from distill_depth.config import Config
 from distill_depth.geometry import pose_from_axis_angle, warp_to_target
 from distill_depth.losses import (
+    aligns_u_scale,
     identity_error,
+    lidar_confidence_nll,
     photometric,
     reprojects_better,
     self_confidence_nll,
@@ -19,7 +21,7 @@ from distill_depth.losses import (
 )
 from distill_depth.losses.common import masked_mean
 from distill_depth.losses.photometric import LARGE_ERROR
-from distill_depth.models import PoseNet
+from distill_depth.models import ErrorConfidenceNet, PoseNet
 from distill_depth.types import Batch, PartnerPrediction, Prediction
 
 
@@ -35,6 +37,9 @@ class SelfSupervisedBranch(BranchBase):
         super().__init__(cfg, cfg.augment.u_strength)
         # Stereo-only U never builds the pose net: nothing of it can run, train or sit in the optimiser.
         self.pose_net = PoseNet(cfg.model) if cfg.data.uses_temporal else None
+        if cfg.loss.u_confidence_target == "lidar":
+            # built last: the depth and pose nets start from the same weights as without it
+            self.error_confidence = ErrorConfidenceNet()
 
     def _source_names(self, view: AugmentedView) -> list[str]:
         names: list[str] = []
@@ -73,6 +78,20 @@ class SelfSupervisedBranch(BranchBase):
         better = reprojects_better(teacher, own_error, own_kept, target, sources, poses, K)
         return view.to_canonical(better)[0]
 
+    def _error_confidence_term(self, batch: Batch, prediction: Prediction) -> Tensor | None:
+        """L_conf of ``loss.u_confidence_target: lidar`` (``losses.lidar_confidence_nll``), or None.
+
+        In U's own view: its LiDAR and the network's full-resolution depth (before a zoom's depth
+        factor, like S's: both hold the zoomed scene's equivalent), median-aligned when U has no
+        metric scale of its own."""
+        if self.error_confidence is None:
+            return None
+        loss_cfg = self.cfg.loss
+        sparse, _ = view_lidar(batch, prediction.extras["view"])
+        align = aligns_u_scale(loss_cfg.scale_align, self.cfg.data.uses_stereo)
+        return lidar_confidence_nll(prediction.depth[0].float(), prediction.extras["shown_confidence"], sparse,
+                                    loss_cfg.tau_s, loss_cfg.rho, align_scale=align)
+
     def forward(self, batch: Batch) -> Prediction:
         """Augment, predict depth per scale, and run the pose net for every temporal source
         (T_target_to_source; the stereo source uses the known, flip-adjusted ``view.stereo_T``)."""
@@ -97,7 +116,10 @@ class SelfSupervisedBranch(BranchBase):
         Photometric NLL: multi-scale, each scale's disparity upsampled to full resolution, sources
         warped with full-resolution K and the un-jittered images. Smoothness: Monodepth2's way, on
         each scale's own disparity against the image resized to it, weight 1/2^s. L_u<-s:
-        full-resolution canonical frame, no scale alignment (U learns S's metric scale).
+        full-resolution canonical frame, no scale alignment (U learns S's metric scale). Under
+        ``loss.u_confidence_target: lidar``, + L_conf: the ``ErrorConfidenceNet``'s confidence
+        against U's full-resolution LiDAR error on labelled samples (its inputs are detached: U's
+        depth never learns from the LiDAR).
         """
         view: AugmentedView = prediction.extras["view"]
         partner = self._diagnostic_partner(batch, partner)
@@ -149,6 +171,9 @@ class SelfSupervisedBranch(BranchBase):
                 region=self._distill_region(batch, inside=True), keep=hinted,
             )
             total = photo + loss_cfg.lambda_smooth * smooth + weight * distill_term
+            lidar_conf = self._error_confidence_term(batch, prediction)
+            if lidar_conf is not None:
+                total = total + lidar_conf
             translations = [T[:, :3, 3].norm(dim=1).mean() for n, T in poses.items() if n != "stereo"]
             terms = {
                 "photo_nll": photo,
@@ -161,6 +186,9 @@ class SelfSupervisedBranch(BranchBase):
                 "conf_mean": prediction.confidence[0].float().mean(),
                 "pose_translation": torch.stack(translations).mean() if translations else torch.zeros((), device=total.device),
             }
+            if lidar_conf is not None:
+                terms["lidar_conf_nll"] = lidar_conf
+                terms["shown_conf_mean"] = prediction.extras["shown_confidence"].mean()
             if loss_cfg.u_distill_pixels == "reprojects_better":
                 # the share of the compared pixels where U learns from S
                 terms["hint_fraction"] = (

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from distill_depth.augment import AugmentedView
-from distill_depth.branches.base import BranchBase, labelled_lidar
+from distill_depth.branches.base import BranchBase, labelled_lidar, view_lidar
 from distill_depth.config import Config
 from distill_depth.losses import aligns_u_scale, lidar_trust, point_filtering, split_held_out, sup_confidence_nll
 from distill_depth.losses.common import masked_mean
@@ -21,7 +21,7 @@ class SupervisedBranch(BranchBase):
     distill_direction = "s_from_u"
 
     TRUST_MOMENTUM = 0.9
-    run_state_keys = ("partner_trust",)
+    run_state_keys = (*BranchBase.run_state_keys, "partner_trust")
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, cfg.augment.s_strength)
@@ -52,13 +52,6 @@ class SupervisedBranch(BranchBase):
         """Augment (train mode only), predict per scale, map full resolution back to the canonical frame."""
         return self._predict_depth(self.augmenter(batch), batch)
 
-    @staticmethod
-    def _labelled(batch: Batch, sparse: Tensor) -> Tensor:
-        """(B,) bool: samples whose LiDAR supervises S (all of them when the batch does not say)."""
-        if batch.labelled is None:
-            return torch.ones(sparse.shape[0], dtype=torch.bool, device=sparse.device)
-        return batch.labelled.to(sparse.device)
-
     def loss(
         self, batch: Batch, prediction: Prediction, partner: PartnerPrediction | None, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -73,12 +66,10 @@ class SupervisedBranch(BranchBase):
         device_type = view.sparse_depth.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             loss_cfg = self.cfg.loss
-            labelled = self._labelled(batch, view.sparse_depth)
+            # L_sup' and the held-out L_pf skip unlabelled samples by construction (no LiDAR left);
+            # the prior variant acts on pixels *without* LiDAR, so it is told which samples count
+            sparse, labelled = view_lidar(batch, view)
             per_pixel = labelled.view(-1, 1, 1, 1)
-            # an unlabelled sample's LiDAR (if a caller left any) is no supervision: L_sup' and the
-            # held-out L_pf then skip it by construction; the prior variant acts on pixels *without*
-            # LiDAR, so it is told which samples count
-            sparse = view.sparse_depth.float().masked_fill(~per_pixel, 0.0)
             lidar = lidar_mask(sparse)
             fit, held = split_held_out(lidar, loss_cfg.pf_fraction if loss_cfg.point_filtering == "held_out" else 0.0)
             image_valid = per_pixel.expand_as(lidar)

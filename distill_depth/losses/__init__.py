@@ -20,6 +20,7 @@ from distill_depth.losses.photometric import (
 )
 from distill_depth.losses.supervised import (
     depth_error,
+    lidar_confidence_nll,
     lidar_mask,
     point_filtering,
     point_filtering_held_out,
@@ -34,6 +35,7 @@ __all__ = [
     "depth_error",
     "distill",
     "distill_ramp",
+    "lidar_confidence_nll",
     "lidar_coverage",
     "lidar_trust",
     "identity_error",

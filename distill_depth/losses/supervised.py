@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from distill_depth.losses.common import confidence_nll, finite, fp32, masked_mean, sanitize
+from distill_depth.losses.distill import median_scale
 
 Rho = Literal["log", "l1"]
 PointFiltering = Literal["held_out", "prior", "none"]
@@ -85,6 +86,27 @@ def point_filtering_prior(confidence: Tensor, sparse_depth: Tensor, prior: float
         mask = mask & valid
     confidence = sanitize(confidence, mask, prior)
     return masked_mean((confidence - prior).abs(), mask)
+
+
+@fp32
+def lidar_confidence_nll(
+    depth: Tensor, confidence: Tensor, sparse_depth: Tensor, tau: float, rho: Rho = "log", align_scale: bool = False
+) -> Tensor:
+    """U's confidence on S's scale (``loss.u_confidence_target: lidar``):
+
+        L_conf = mean_{p in Ω} [ C_u(p) · sg(ρ(k·D_u(p), D*(p))) / τ_s − log C_u(p) ]
+
+    k = median(D*)/median(D_u) over each image's LiDAR pixels when ``align_scale`` (U without
+    metric scale), else 1. Only the confidence learns: U's depth never fits the LiDAR, so its
+    error at every LiDAR pixel is what its error looks like anywhere, the quantity S's held-out
+    points teach C_s. Both confidences then estimate min(1, τ_s/ρ) and can be compared pixel by
+    pixel. Shapes (B, 1, H, W); an image without LiDAR contributes nothing.
+    """
+    lidar = lidar_mask(sparse_depth)
+    depth = depth.detach()
+    if align_scale:
+        depth = depth * median_scale(sparse_depth, depth, lidar)
+    return point_filtering_held_out(depth, confidence, sparse_depth, lidar, tau, rho)
 
 
 def point_filtering(

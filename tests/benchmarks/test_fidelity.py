@@ -154,6 +154,37 @@ def test_fractions_flag_is_checked() -> None:
     assert fidelity.label("mutual", 1.0) == "mutual" and fidelity.label("mutual", 0.05) == "mutual@0.05"
 
 
+def test_a_u_that_reads_labels_follows_the_label_fraction(tmp_path: Path) -> None:
+    """loss.u_confidence_target=lidar: U-only and U's stage 1 run at each fraction, stage 2 starts U
+    from the stage 1 of its own fraction, and U is compared with U-only at that fraction. Without
+    it U-only runs once, at fraction 1."""
+    lidar = ("loss.u_confidence_target=lidar",)
+    assert fidelity.u_reads_labels(lidar) and not fidelity.u_reads_labels(("loss.tau_u=0.02",))
+    runs, fractions = ("sup_only", "self_only", "mutual"), (1.0, 0.25)
+    labels, first = fidelity.plan_jobs(runs, fractions, (0,), (), two_stage=True)
+    assert set(labels) == {"sup_only", "sup_only@0.25", "self_only", "mutual", "mutual@0.25"}
+    assert first == [("self_only", 1.0, 0), ("sup_only", 0.25, 0), ("sup_only", 1.0, 0)]
+    labels, first = fidelity.plan_jobs(runs, fractions, (0,), lidar, two_stage=True)
+    assert set(labels) == {"sup_only", "sup_only@0.25", "self_only", "self_only@0.25", "mutual", "mutual@0.25"}
+    assert first == [("self_only", 0.25, 0), ("self_only", 1.0, 0), ("sup_only", 0.25, 0), ("sup_only", 1.0, 0)]
+    assert fidelity.plan_jobs(runs, fractions, (0,), lidar, two_stage=False)[1] == []
+    sources = fidelity.stage_one_sources("mutual", 0.25, 1, tmp_path, lidar)
+    assert sources == {"S": tmp_path / "runs" / "stage1_sup_only_f0.25_seed1",
+                       "U": tmp_path / "runs" / "stage1_self_only_f0.25_seed1"}
+    assert fidelity.stage_one_sources("mutual", 0.25, 1, tmp_path, ())["U"] == tmp_path / "runs" / "stage1_self_only_seed1"
+
+    per_seed = {name: {0: _seed_result(0.3 if "sup" in name else (None if "self" in name else 0.25),
+                                       None if "sup" in name else (0.2 if name == "self_only" else 0.3))}
+                for name in ("sup_only@0.25", "self_only", "self_only@0.25", "mutual@0.25")}
+    for seeds in per_seed.values():
+        for result in seeds.values():
+            result["median_scaling"] = {b: False for b in result["auto"]}
+    results = {name: fidelity.summarize(seeds) for name, seeds in per_seed.items()}
+    assert fidelity.paired_differences(results, per_seed)["mutual@0.25"]["U"]["vs"] == "self_only@0.25"
+    curve = fidelity.fraction_curve(results)
+    assert curve["self_only U"] == pytest.approx({1.0: 0.4, 0.25: 0.5})  # two points, not a flat line
+
+
 @pytest.mark.slow
 def test_two_stage_runs_continue_from_the_single_branch_runs(tmp_path: Path) -> None:
     """--two-stage: S-only and U-only train first; mutual then starts both branches from those

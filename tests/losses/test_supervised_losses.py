@@ -10,6 +10,7 @@ import torch
 from distill_depth.losses import (
     confidence_nll,
     depth_error,
+    lidar_confidence_nll,
     point_filtering,
     point_filtering_held_out,
     point_filtering_prior,
@@ -152,3 +153,21 @@ def test_prior_pulls_confidence_without_lidar_toward_m() -> None:
     assert none.item() == 0.0
     with pytest.raises(ValueError, match="loss.point_filtering"):
         point_filtering("bogus", _maps(1.0), conf, target, target > 0, 0.1, 0.2)  # type: ignore[arg-type]
+
+
+def test_lidar_confidence_nll_trains_only_the_confidence_with_optional_median_scale() -> None:
+    """U's depth at 2x the LiDAR: without alignment ρ = log 2; with it k = 1/2 and ρ = 0. Only the
+    confidence gets a gradient; pixels and images without LiDAR do not count."""
+    truth = _maps(5.0)
+    sparse = torch.zeros_like(truth)
+    sparse[0, :, ::2] = truth[0, :, ::2]  # image 1 has no LiDAR
+    depth = (2.0 * truth).requires_grad_()
+    conf = _maps(0.5).requires_grad_()
+    raw = lidar_confidence_nll(depth, conf, sparse, tau=0.1)
+    assert raw.item() == pytest.approx(0.5 * math.log(2.0) / 0.1 - math.log(0.5), rel=1e-5)
+    aligned = lidar_confidence_nll(depth, conf, sparse, tau=0.1, align_scale=True)
+    assert aligned.item() == pytest.approx(-math.log(0.5), rel=1e-5)
+    (raw + aligned).backward()
+    assert depth.grad is None or not depth.grad.any()
+    assert conf.grad[0, :, ::2].abs().min() > 0
+    assert not conf.grad[0, :, 1::2].any() and not conf.grad[1].any()

@@ -46,3 +46,41 @@ def test_missing_source_branch_is_named(tiny_shards: Path, tmp_path: Path) -> No
     run = launch(1, tiny_overrides(tiny_shards, second, 1, "branches=[U]", f"train.init_u={first}"), second)
     assert run.wait() != [0]
     assert "train.init_u: no weights for branch U" in run.tail(20000)
+
+
+def test_a_u_with_a_lidar_trained_confidence_trains_exchanges_and_evaluates(tiny_shards: Path, tmp_path: Path) -> None:
+    """loss.u_confidence_target=lidar end to end: U-only at half the labels learns its shown
+    confidence (logged), a mutual second stage starts from it under the relative gate and the
+    sensor-coverage regions, and the export evaluates with U's confidence ranked (AURG). A second
+    stage with the option cannot start from a U without the confidence net: one line naming the file."""
+    from distill_depth.cli import main
+
+    lidar = ["loss.u_confidence_target=lidar", "data.labelled_fraction=0.5"]
+    first = tmp_path / "first"
+    run = launch(1, tiny_overrides(tiny_shards, first, 2, "branches=[U]", *lidar), first)
+    assert run.wait() == [0], run.tail()
+    logged = [m for m in run.metrics() if "U/lidar_conf_nll" in m]
+    assert logged and all(0.0 < m["U/shown_conf_mean"] < 1.0 for m in logged)
+    assert any(k.startswith("error_confidence.") for k in _export(first, "U"))
+
+    second = tmp_path / "second"
+    run = launch(1, tiny_overrides(tiny_shards, second, 2, *lidar, f"train.init_u={first}",
+                                   "loss.distill_gate=relative", "loss.distill_regions=by_sensor_coverage"), second)
+    assert run.wait() == [0], run.tail()
+    assert "branch U starts from" in run.tail(20000)
+    assert torch.isfinite(_export(second, "S")["lidar_reach"]).all()  # the sensor's reach was measured
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(second), "--shards", str(tiny_shards), "--protocol", "dense",
+                 "--json", str(report), "--batch-size", "2"]) == 0
+    import json
+    import math
+
+    mean = json.loads(report.read_text())["mean"]
+    assert math.isfinite(mean["U"]["aurg"]) and math.isfinite(mean["fused"]["abs_rel"])
+
+    plain = tmp_path / "plain"
+    assert launch(1, tiny_overrides(tiny_shards, plain, 1, "branches=[U]"), plain).wait() == [0]
+    third = tmp_path / "third"
+    run = launch(1, tiny_overrides(tiny_shards, third, 1, "branches=[U]", *lidar, f"train.init_u={plain}"), third)
+    assert run.wait() != [0]
+    assert str(plain / "export" / "U.safetensors") in run.tail(20000)
