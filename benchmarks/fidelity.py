@@ -179,8 +179,9 @@ def stage_one_sources(run: str, fraction: float, seed: int, work: Path, override
 def plan_jobs(runs: tuple[str, ...], fractions: tuple[float, ...], seeds: tuple[int, ...],
               overrides: tuple[str, ...], two_stage: bool) -> tuple[dict[str, tuple[str, float]], list]:
     """(labels, stage-1 jobs): every result label → (run, fraction), and the (run, fraction, seed)
-    single-branch trainings of stage 1 (none without ``two_stage``). U alone never sees labels
-    unless the overrides say it does: then it runs once, at fraction 1, whatever the sweep."""
+    single-branch trainings of stage 1 (none without ``two_stage``). U alone never sees labels, so
+    it runs once, at fraction 1, whatever the sweep; when the overrides make U read labels
+    (:func:`u_reads_labels`) it runs at every fraction, like S."""
     u_reads = u_reads_labels(overrides)
     label_free = () if u_reads else LABEL_FREE_RUNS
     labels = {label(run, f): (run, f) for f in fractions for run in runs if not (run in label_free and f < 1.0)}
