@@ -36,17 +36,19 @@ def network_input(image: Tensor, memory_format: torch.memory_format = torch.cont
 def labelled_lidar(batch: Batch) -> Tensor:
     """(B, 1, H, W) fp32: the batch's canonical-frame LiDAR, zero on samples outside the labelled
     subset (``Batch.labelled``); what the partner-side rules (trust, coverage) may read."""
-    sparse = batch.sparse_depth.float()
-    if batch.labelled is None:
-        return sparse
-    return sparse.masked_fill(~batch.labelled.to(sparse.device).view(-1, 1, 1, 1), 0.0)
+    return keep_labelled(batch, batch.sparse_depth)[0]
 
 
 def view_lidar(batch: Batch, view: AugmentedView) -> tuple[Tensor, Tensor]:
-    """(sparse, labelled): the augmented view's LiDAR (B, 1, H, W) fp32, zero on samples outside the
+    """(sparse, labelled): the augmented view's LiDAR, as :func:`keep_labelled` leaves it."""
+    return keep_labelled(batch, view.sparse_depth)
+
+
+def keep_labelled(batch: Batch, sparse_depth: Tensor) -> tuple[Tensor, Tensor]:
+    """(sparse, labelled): ``sparse_depth`` (B, 1, H, W) as fp32, zero on samples outside the
     labelled subset, and that subset (B,) bool (every sample when the batch does not say). An
     unlabelled sample's LiDAR, if a caller left any, is no supervision."""
-    sparse = view.sparse_depth.float()
+    sparse = sparse_depth.float()
     if batch.labelled is None:
         labelled = torch.ones(sparse.shape[0], dtype=torch.bool, device=sparse.device)
     else:
