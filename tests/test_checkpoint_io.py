@@ -75,15 +75,15 @@ def test_evaluate_and_predict_load_through_checkpoint_io(s_only_run, tmp_path: P
     assert np.load(tmp_path / "out" / "street_S.npy").shape == (40, 90)
 
 
-def _hand_export(folder: Path, overrides: list[str], seed: int) -> tuple[Path, nn.Module]:
-    cfg = load_config(None, ["branches=[S]", *overrides])
+def _hand_export(folder: Path, overrides: list[str], seed: int, branch: str = "S") -> tuple[Path, nn.Module]:
+    cfg = load_config(None, [f"branches=[{branch}]", *overrides])
     torch.manual_seed(seed)
-    model = build_branch("S", cfg)
+    model = build_branch(branch, cfg)
     (folder / "export").mkdir(parents=True)
     for key in model.run_state_keys:
         if key in model.state_dict():
             getattr(model, key).fill_(0.3)  # a source run's running state, which must not travel
-    save_model(model, str(folder / "export" / "S.safetensors"))
+    save_model(model, str(folder / "export" / f"{branch}.safetensors"))
     save_config(cfg, folder / "export" / "config.yaml")
     return folder, model
 
@@ -126,3 +126,20 @@ def test_init_weights_of_another_architecture_name_the_file(tmp_path: Path, othe
         return
     with pytest.raises(checkpoint_io.CheckpointError, match=r"train.init_s: .*S.safetensors does not fit branch S"):
         checkpoint_io.init_branch_weights(target, "S", source, torch.device("cpu"))
+
+
+def test_init_u_with_a_lidar_trained_confidence_from_a_u_without_one_names_the_file(tmp_path: Path) -> None:
+    """loss.u_confidence_target=lidar adds U's ErrorConfidenceNet: a second stage with it cannot start
+    from a U trained without it (its keys are missing), and says which file; the other way round
+    (the net dropped) is refused the same way rather than silently losing learnt weights."""
+    lidar = ["loss.u_confidence_target=lidar"]
+    plain, _ = _hand_export(tmp_path / "plain", [], seed=3, branch="U")
+    target = build_branch("U", load_config(None, ["branches=[U]", *lidar]))
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"train.init_u: .*plain/export/U.safetensors"):
+        checkpoint_io.init_branch_weights(target, "U", plain, torch.device("cpu"))
+    with_net, model = _hand_export(tmp_path / "with_net", lidar, seed=3, branch="U")
+    checkpoint_io.init_branch_weights(target, "U", with_net, torch.device("cpu"))
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"train.init_u: .*with_net/export/U.safetensors"):
+        checkpoint_io.init_branch_weights(build_branch("U", load_config(None, ["branches=[U]"])), "U", with_net,
+                                          torch.device("cpu"))

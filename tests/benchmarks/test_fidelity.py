@@ -58,19 +58,23 @@ def test_means_over_seeds_and_paired_differences() -> None:
 
 
 @pytest.mark.slow
-def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
-    """Two real runs for 3 steps on fresh synthetic data: S-only and one-way (S teaches U; S learns
-    nothing from U). S trains on the same random numbers in both, so its metrics are identical
-    and the paired difference is exactly 0; the JSON and the table hold every run."""
+def test_miniature_two_stage_run_pairs_s_exactly(tmp_path: Path) -> None:
+    """One real two-stage plan on fresh synthetic data, 2 steps per stage, fractions 1 and 0.5:
+    S-only and U-only train first (stage 1 at the full learning rates); S-only and one-way (S
+    teaches U, learns nothing from U) then start from those weights (the trainer says so) at a
+    tenth of the rates. S trains on the same random numbers in both, so its metrics are identical
+    and the paired difference is exactly 0 at each fraction; the JSON, table and plots hold every
+    run, and a second call reuses the data and the finished runs."""
     work = tmp_path / "work"
     command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "sup_only,one_way",
-               "--steps", "3", "--fractions", "1,0.5", "--no-failures", "--work", str(work),
+               "--steps", "2", "--two-stage", "2", "--fractions", "1,0.5", "--no-failures", "--work", str(work),
                "--jobs", "2"]  # two 1-thread runs at a time: the 2-core CI machine does both at once
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads((work / "fidelity.json").read_text())
-    assert report["plan"]["steps"] == 3 and report["plan"]["beams"] == 22 and not report["errors"]
+    assert report["plan"]["steps"] == 2 and report["plan"]["beams"] == 22 and not report["errors"]
+    assert report["plan"]["first_stage_steps"] == 2 and report["plan"]["second_stage_lr_factor"] == 0.1
     sup, one_way = report["runs"]["sup_only"], report["runs"]["one_way"]
     assert set(sup["auto"]) == {"S"} and set(one_way["auto"]) == {"S", "U", "fused"}
     assert one_way["auto"]["S"] == sup["auto"]["S"] and one_way["ms"]["S"] == sup["ms"]["S"]
@@ -82,8 +86,25 @@ def test_miniature_run_pairs_s_exactly(tmp_path: Path) -> None:
     assert report["paired_differences"]["one_way@0.5"]["S"]["per_seed"] == [0.0]
     assert set(report["fraction_curve"]["sup_only S"]) == {"1", "0.5"}
     assert (work / "fidelity_fractions.png").is_file() and "AbsRel by labelled fraction" in result.stdout
-    assert (work / "runs" / "sup_only_f0.5_seed0" / "export").is_dir()
-    # A second call reuses the data and the finished runs.
+
+    runs = work / "runs"
+    assert {p.name for p in runs.iterdir()} == {
+        "stage1_sup_only_seed0", "stage1_sup_only_f0.5_seed0", "stage1_self_only_seed0",  # U-only: one, no labels
+        "sup_only_seed0", "sup_only_f0.5_seed0", "one_way_seed0", "one_way_f0.5_seed0"}
+    one_way_log = (work / "logs" / "train_one_way_f0.5_seed0.log").read_text()
+    assert f"branch S starts from {runs / 'stage1_sup_only_f0.5_seed0'}" in one_way_log
+    assert f"branch U starts from {runs / 'stage1_self_only_seed0'}" in one_way_log
+
+    def logged_lr(run: str, branch: str) -> list[float]:
+        rows = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
+        return [row[f"{branch}/lr"] for row in rows if f"{branch}/lr" in row]
+
+    base_lr = yaml.safe_load((REPO / "configs" / "bench_base.yaml").read_text())["optim"]["lr"]
+    stage_one = logged_lr("stage1_sup_only_seed0", "S")
+    assert stage_one and stage_one == pytest.approx([base_lr] * len(stage_one))
+    stage_two = logged_lr("one_way_seed0", "S") + logged_lr("one_way_seed0", "U")
+    assert stage_two and stage_two == pytest.approx([0.1 * base_lr] * len(stage_two))
+
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "'train_s'" not in again.stdout and "'eval_auto_s'" not in again.stdout
 
@@ -183,38 +204,6 @@ def test_a_u_that_reads_labels_follows_the_label_fraction(tmp_path: Path) -> Non
     assert fidelity.paired_differences(results, per_seed)["mutual@0.25"]["U"]["vs"] == "self_only@0.25"
     curve = fidelity.fraction_curve(results)
     assert curve["self_only U"] == pytest.approx({1.0: 0.4, 0.25: 0.5})  # two points, not a flat line
-
-
-@pytest.mark.slow
-def test_two_stage_runs_continue_from_the_single_branch_runs(tmp_path: Path) -> None:
-    """--two-stage: S-only and U-only train first; mutual then starts both branches from those
-    weights (the trainer says so in its log) and is evaluated as usual. Stage 2 trains at a tenth
-    of the learning rates (``--stage2-lr-factor``'s default), stage 1 at the full ones."""
-    work = tmp_path / "work"
-    command = [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--quick", "--runs", "mutual",
-               "--steps", "2", "--two-stage", "2", "--fractions", "1", "--no-failures", "--work", str(work),
-               "--jobs", "2"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    runs = work / "runs"
-    assert {p.name for p in runs.iterdir()} == {"stage1_sup_only_seed0", "stage1_self_only_seed0", "mutual_seed0"}
-    mutual_log = (work / "logs" / "train_mutual_seed0.log").read_text()
-    assert f"branch S starts from {runs / 'stage1_sup_only_seed0'}" in mutual_log
-    assert f"branch U starts from {runs / 'stage1_self_only_seed0'}" in mutual_log
-    report = json.loads((work / "fidelity.json").read_text())
-    assert report["plan"]["first_stage_steps"] == 2 and set(report["runs"]["mutual"]["auto"]) == {"S", "U", "fused"}
-    assert report["plan"]["second_stage_lr_factor"] == 0.1
-
-    def logged_lr(run: str, branch: str) -> list[float]:
-        rows = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
-        return [row[f"{branch}/lr"] for row in rows if f"{branch}/lr" in row]
-
-    base_lr = yaml.safe_load((REPO / "configs" / "bench_base.yaml").read_text())["optim"]["lr"]
-    stage_one = logged_lr("stage1_sup_only_seed0", "S")
-    assert stage_one and stage_one == pytest.approx([base_lr] * len(stage_one))
-    stage_two = logged_lr("mutual_seed0", "S") + logged_lr("mutual_seed0", "U")
-    assert stage_two and stage_two == pytest.approx([0.1 * base_lr] * len(stage_two))
 
 
 def _subcommand(cmdline: list[str]) -> str | None:

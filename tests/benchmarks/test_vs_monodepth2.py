@@ -14,24 +14,20 @@ def test_without_a_checkout_prints_how_to_get_one_and_exits_0(run_benchmark) -> 
     assert "git clone https://github.com/nianticlabs/monodepth2" in out.stdout
 
 
-def test_ours_only_tiny_run_prints_our_three_rows(run_benchmark) -> None:
+def test_ours_only_tiny_run_prints_our_three_rows_then_each_trainers_memory_alone(run_benchmark) -> None:
     out = run_benchmark("vs_monodepth2.py", "--ours-only", *TINY, "--steps", "1", "--warmup", "0",
-                        "--set", "train.channels_last=true")
+                        "--set", "train.channels_last=true", "--memory")
     assert out.returncode == 0, out.stderr
     assert "ours with train.channels_last=true" in out.stdout  # a switch under test is named in the header
-    rows = [line.split()[:2] for line in out.stdout.splitlines()]
+    timing, memory = out.stdout.split("peak RSS, each trainer alone")
+    rows = [line.split()[:2] for line in timing.splitlines()]
     assert [["ours", "U"], ["ours", "S"], ["ours", "S+U"]] == [r for r in rows if r[:1] == ["ours"]], out.stdout
-
-
-def test_memory_reports_each_trainer_alone_in_its_own_process(run_benchmark) -> None:
-    out = run_benchmark("vs_monodepth2.py", "--ours-only", *TINY, "--steps", "1", "--warmup", "0", "--memory")
-    assert out.returncode == 0, out.stderr
-    memory = out.stdout.split("peak RSS, each trainer alone")[1].splitlines()[1:]
-    rows = {" ".join(line.split()[:2]): float(line.split()[2]) for line in memory if line.startswith("ours")}
-    assert list(rows) == ["ours U", "ours S", "ours S+U"], out.stdout
+    peak = {" ".join(line.split()[:2]): float(line.split()[2]) for line in memory.splitlines()[1:]
+            if line.startswith("ours")}
+    assert list(peak) == ["ours U", "ours S", "ours S+U"], out.stdout
     # a process that imported torch and built a trainer holds well over 100 MiB; S+U holds both branches
-    assert all(mib > 100 for mib in rows.values()), rows
-    assert rows["ours S+U"] > rows["ours S"], rows
+    assert all(mib > 100 for mib in peak.values()), peak
+    assert peak["ours S+U"] > peak["ours S"], peak
 
 
 STAND_IN = {
