@@ -145,14 +145,14 @@ class LossConfig:
     (``losses.lidar_confidence_nll``): the quantity S's held-out points teach C_s, so both
     confidences share one scale and ``distill_gate: relative`` compares like with like. U's own
     loss keeps its photometric confidence, and nothing of the LiDAR reaches U's depth (U-only's
-    depth is bit-identical with or without it). Measured in the two-stage plan (2026-12-07, tuning
-    drives, 25 % labels, 3 seeds; docs/fidelity.md, tenth round): S -21.6 % vs S-only (-22.0 % with
-    ``photometric``), U -7.0 % vs U-only with every seed better (-5.8 %, one seed +0.5 %), but U's
-    AURG fell (+0.049 vs +0.062) and the shared-scale C_u still agrees with the per-pixel oracle at
-    chance (53-56 %); with ``distill_gate: relative`` both branches lost (S -18.9 %, U -1.4 %).
-    Held-out drives, 25 % labels, seeds 0-2: S -11.5 % vs S-only, every seed better (defaults
-    -7.5 %, one seed +5.4 %), U -0.1 % (+0.6 %), U's AURG +0.052 (+0.029). An option until 5 % and
-    full labels are measured."""
+    depth is bit-identical with or without it). Measured in the two-stage plan (2026-12-07, 3 seeds;
+    docs/fidelity.md, tenth and eleventh rounds), tuning drives, labelled fraction 1 / 0.25 / 0.05:
+    S -7.5 / -21.6 / -36.4 % vs S-only (``photometric``: -8.2 / -22.0 / -33.6 %), U -4.9 / -7.0 /
+    -1.6 % vs U-only (-5.4 / -5.8 / -1.7 %), and U's AURG lower at every fraction (+0.05 vs
+    +0.06): a wash, so not the default. The held-out drives, read after that decision, agree: S
+    -15.6 / -11.5 / -31.2 % (-20.6 / -7.5 / -31.0 %), U -5.0 / -0.1 / -0.1 % (-7.2 / +0.6 / +0.2 %).
+    Its per-pixel agreement with the oracle "which branch is closer" is at chance (53-56 %). With
+    ``distill_gate: relative`` both branches lost."""
     u_distill_pixels: Literal["all", "reprojects_better"] = "all"
     """Where U learns from S (L_u<-s). ``all``: every pixel both branches saw (METHOD.md).
     ``reprojects_better``: Depth Hints' rule (Watson et al., ICCV 2019) with S's depth as the hint:
