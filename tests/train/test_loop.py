@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.wandb_log import log_content
 from train_procs import Run, launch
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def test_colocated_on_bundled_shards_with_wandb_offline(colocated_run: tuple[Run
     assert len(losses) == 2 * STEPS and all(math.isfinite(v) for v in losses)
     assert any("val/S/abs_rel" in m and math.isfinite(m["val/S/abs_rel"]) for m in metrics)
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    content = run_file.read_bytes()
+    content = log_content(run_file)
     for key in LOGGED_KEYS:
         assert key.encode() in content, key
     images = list(run_file.parent.glob("files/media/images/**/*.png"))
@@ -72,7 +73,7 @@ def test_the_final_export_is_a_wandb_model_artifact(colocated_run: tuple[Run, li
     run, codes = colocated_run
     assert codes == [0], run.tail()
     (run_file,) = (run.out / "wandb").glob("offline-run-*/run-*.wandb")
-    content = run_file.read_bytes()
+    content = log_content(run_file)
     run_id = run_file.stem.removeprefix("run-")
     assert f"export-{run_id}".encode() in content and b"model" in content and b"step-12" in content
     for name in ("S.safetensors", "U.safetensors", "config.yaml"):
