@@ -1,7 +1,7 @@
 """GPU check, one command: training step speed and memory per speed switch, DeepSpeed, evaluation.
 
     python benchmarks/gpu_check.py [--wheels wheels/] [--steps 20] [--warmup 3] [--time-limit 420]
-        [--variants eager,channels_last,bf16,bf16+channels_last,compile,compile+bf16+channels_last]
+        [--variants eager,channels_last,bf16,bf16+channels_last,compile_losses,compile,compile+bf16+channels_last]
     python benchmarks/gpu_check.py --cpu-smoke      # the same code on CPU at a tiny size (CI)
 
 Prints one table, a row per measurement:
@@ -9,7 +9,7 @@ Prints one table, a row per measurement:
 * ``train``: colocated training (both branches in one process) at 640x192, batch 12, with the
   KITTI recipe ``configs/kitti_eigen_zhou.yaml`` (ResNet-18 depth and pose encoders, here from
   scratch, 4 scales, frames t-1/t+1), one row per variant of ``train.channels_last``, ``train.mixed_precision=bf16`` and
-  ``train.compile``: samples/s and ms per step (median of ``--steps`` after ``--warmup`` untimed
+  ``train.compile`` (``compile``: networks and losses, ``compile_losses``: the losses only): samples/s and ms per step (median of ``--steps`` after ``--warmup`` untimed
   steps; the compiled variants compile in the warm-up, shown apart) and peak GPU memory
   (``torch.cuda.max_memory_allocated`` since the variant was built: its weights, optimiser state
   and the step's activations). The step is the trainer's own ``Trainer.train_step`` on an
@@ -51,10 +51,10 @@ REQUIRED = ("kornia", "braceexpand")
 OPTIONAL = ("deepspeed", "webdataset", "wandb")
 """Modules of the optional paths (the DeepSpeed row; shards and W&B are not used here)."""
 
-TRAIN_VARIANTS = "eager,channels_last,bf16,bf16+channels_last,compile+bf16+channels_last,compile"
+TRAIN_VARIANTS = "eager,channels_last,bf16,bf16+channels_last,compile_losses+bf16+channels_last,compile+bf16+channels_last,compile"
 SMOKE_VARIANTS = "eager,bf16+channels_last"
 SWITCHES = {"channels_last": "train.channels_last=true", "bf16": "train.mixed_precision=bf16",
-            "compile": "train.compile=true"}
+            "compile": "train.compile=on", "compile_losses": "train.compile=losses"}
 RECIPE = trainer_steps.REPO / "configs" / "kitti_eigen_zhou.yaml"
 """The KITTI recipe (ResNet-18 depth and pose encoders, 4 scales, frames t-1/t+1, batch 12)."""
 FROM_SCRATCH = ["model.pretrained=none", "model.weights=null"]  # no ImageNet file needed; the same step time

@@ -110,6 +110,20 @@ def test_a_boolean_is_still_refused_where_no_choice_reads_as_it():
         load_config(None, ["loss.rho=on"])
 
 
+def test_train_compile_reads_the_boolean_it_was_before_it_had_a_losses_choice(tmp_path: Path):
+    """``train.compile`` was a bool: ``true``/``false`` on the command line, in YAML and in the
+    config.yaml of older runs read as ``on``/``off``; ``losses`` is the new choice."""
+    assert load_config(None, ["train.compile=true"]).train.compile == "on"
+    assert load_config(None, ["train.compile=false"]).train.compile == "off"
+    assert load_config(None, ["train.compile=losses"]).train.compile == "losses"
+    assert config_from_dict({"train": {"compile": True}}).train.compile == "on"
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("train:\n  compile: false\n")
+    assert load_config(config_file).train.compile == "off"
+    with pytest.raises(ConfigError, match=r"train\.compile: 'fast' is not one of"):
+        load_config(None, ["train.compile=fast"])
+
+
 # --- data.u_sources (M / S / MS) and the deprecated data.use_stereo ---------------------------------
 
 

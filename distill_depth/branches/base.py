@@ -89,6 +89,7 @@ class BranchBase(nn.Module):
     name: str
     distill_direction: str  # the value of ``loss.distill_direction`` that enables this branch's student term
     memory_format = torch.contiguous_format  # train.channels_last sets it with the weights (train/speed.py)
+    loss_kernels: tuple[str, ...] = ()  # names of loss functions held as attributes, compiled by train.compile
     # buffers that are state of one training run, not learnt weights: saved for exact resume, but a
     # new run that starts from these weights (train.init_s / init_u) starts them afresh
     run_state_keys: tuple[str, ...] = ("lidar_reach",)

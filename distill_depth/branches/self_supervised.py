@@ -32,6 +32,13 @@ class SelfSupervisedBranch(BranchBase):
 
     name = "U"
     distill_direction = "u_from_s"
+    # The element-wise loss functions of the step, called through ``self`` so that ``train.compile``
+    # (``speed.compile_losses``) can swap in fused, compiled versions of exactly these.
+    loss_kernels = ("photometric", "identity_error", "self_confidence_nll", "smoothness")
+    photometric = staticmethod(photometric)
+    identity_error = staticmethod(identity_error)
+    self_confidence_nll = staticmethod(self_confidence_nll)
+    smoothness = staticmethod(smoothness)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, cfg.augment.u_strength)
@@ -136,7 +143,7 @@ class SelfSupervisedBranch(BranchBase):
             size = tuple(target.shape[-2:])
             sources = [view.clean_sources[n].float() for n in poses]
             # the un-warped error depends on neither depth nor pose: once per batch, not per scale
-            identity = identity_error(target, sources, loss_cfg.ssim_alpha) if loss_cfg.automask else None
+            identity = self.identity_error(target, sources, loss_cfg.ssim_alpha) if loss_cfg.automask else None
             photo_terms, smooth_terms = [], []
             # under a depth-scaling zoom (augment.u_strength=strong) the network predicts the
             # zoomed scene's equivalent depth D/m; the zoomed K warps with the true depth D
@@ -144,18 +151,18 @@ class SelfSupervisedBranch(BranchBase):
             for scale, (disp, depth, conf) in enumerate(self._scaled_maps(prediction, size)):
                 depth = depth if to_true is None else depth * to_true
                 warped, valid = zip(*(warp_to_target(src, depth, poses[n], K) for n, src in zip(poses, sources)))
-                pe_min, mask, unmasked = photometric(
+                pe_min, mask, unmasked = self.photometric(
                     target, list(warped), list(valid), alpha=loss_cfg.ssim_alpha, identity=identity, return_unmasked=True
                 )
                 if loss_cfg.u_confidence_pixels == "all":
                     # depth still learns on the kept pixels only; the confidence also on the dropped ones
                     error = torch.where(mask, pe_min, unmasked.detach())
-                    photo_terms.append(self_confidence_nll(error, conf, unmasked < LARGE_ERROR, loss_cfg.tau_u))
+                    photo_terms.append(self.self_confidence_nll(error, conf, unmasked < LARGE_ERROR, loss_cfg.tau_u))
                 else:
-                    photo_terms.append(self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))
+                    photo_terms.append(self.self_confidence_nll(pe_min, conf, mask, loss_cfg.tau_u))
                 native = prediction.extras["disp"][scale].float()
                 image_s = F.interpolate(target, size=native.shape[-2:], mode="area") if scale else target
-                smooth_terms.append(smoothness(native, image_s) / 2**scale)
+                smooth_terms.append(self.smoothness(native, image_s) / 2**scale)
                 if scale == 0:  # the logged diagnostics are full-resolution only
                     pe_mean, mask_fraction = masked_mean(pe_min, mask).detach(), mask.float().mean()
                     own_error, own_kept = unmasked.detach(), mask

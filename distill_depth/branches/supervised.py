@@ -19,6 +19,10 @@ class SupervisedBranch(BranchBase):
 
     name = "S"
     distill_direction = "s_from_u"
+    # called through ``self`` so that ``train.compile`` can swap in compiled versions (train/speed.py)
+    loss_kernels = ("sup_confidence_nll", "point_filtering")
+    sup_confidence_nll = staticmethod(sup_confidence_nll)
+    point_filtering = staticmethod(point_filtering)
 
     TRUST_MOMENTUM = 0.9
     run_state_keys = (*BranchBase.run_state_keys, "partner_trust")
@@ -75,9 +79,9 @@ class SupervisedBranch(BranchBase):
             image_valid = per_pixel.expand_as(lidar)
             sup_terms, pf_terms = [], []
             for _, depth, conf in self._scaled_maps(prediction, tuple(sparse.shape[-2:])):
-                sup_terms.append(sup_confidence_nll(depth, conf, sparse, fit, loss_cfg.tau_s, loss_cfg.rho))
+                sup_terms.append(self.sup_confidence_nll(depth, conf, sparse, fit, loss_cfg.tau_s, loss_cfg.rho))
                 pf_terms.append(
-                    point_filtering(
+                    self.point_filtering(
                         loss_cfg.point_filtering, depth, conf, sparse, held, loss_cfg.tau_s,
                         loss_cfg.pf_fraction, loss_cfg.rho, image_valid,
                     )

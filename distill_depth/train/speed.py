@@ -1,7 +1,17 @@
-"""The speed switches of a branch's networks: ``train.channels_last`` and ``train.compile``.
+"""The speed switches of a branch: ``train.channels_last`` and ``train.compile``.
 
-Both act on the networks only (depth net, pose net), never on augmentation or the losses, and
-neither changes a parameter's name: checkpoints, exports and ``train.init_*`` see the same keys.
+``channels_last`` acts on the networks (depth net, pose net); ``compile`` on the networks
+(``on``) and on the branch's element-wise loss functions (``on`` and ``losses``); neither touches
+augmentation, and neither changes a parameter's name: checkpoints, exports and ``train.init_*``
+see the same keys.
+
+The loss functions (``branch.loss_kernels``: U's photometric error with its SSIM, per-pixel minimum
+and auto-mask, its confidence NLL and smoothness) are chains of memory-bound element-wise ops at
+full resolution: compiled, inductor fuses each chain into a few loops. On the 2-core CPU that made
+U's whole step ~0.8x as long at 640x192 (``benchmarks/vs_monodepth2.py``), while compiling the
+networks measured no faster there (convolutions are library calls either way) and takes minutes.
+They are compiled with ``dynamic=False``: every call of a step has the same shapes, and each of
+U's 4 scales compiles its smoothness once.
 
 Compile is applied to the inner networks, before DDP (or DeepSpeed) wraps the branch:
 
@@ -50,10 +60,19 @@ def compile_networks(branch: nn.Module, **options: Any) -> None:
         net.compile(**options)
 
 
+def compile_losses(branch: nn.Module, **options: Any) -> None:
+    """``torch.compile`` each of the branch's ``loss_kernels`` (pure functions held as attributes),
+    replacing the attribute on this instance only; the class keeps the eager functions."""
+    for name in branch.loss_kernels:
+        setattr(branch, name, torch.compile(getattr(type(branch), name), dynamic=False, **options))
+
+
 def apply_speed_switches(branch: nn.Module, train: TrainConfig, **compile_options: Any) -> nn.Module:
     """``train.channels_last`` then ``train.compile`` (compile sees the layout it will run with)."""
     if train.channels_last:
         use_channels_last(branch)
-    if train.compile:
+    if train.compile == "on":
         compile_networks(branch, **compile_options)
+    if train.compile in ("on", "losses"):
+        compile_losses(branch, **compile_options)
     return branch
