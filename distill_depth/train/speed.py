@@ -28,12 +28,13 @@ Compile is applied to the inner networks, before DDP (or DeepSpeed) wraps the br
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from distill_depth.config import TrainConfig
+from distill_depth.losses.common import fp32
 
 
 def networks(branch: nn.Module) -> list[nn.Module]:
@@ -60,11 +61,27 @@ def compile_networks(branch: nn.Module, **options: Any) -> None:
         net.compile(**options)
 
 
+def compiled_loss(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=False)``; for a function decorated with ``losses.common.fp32``, the
+    function's body compiled inside the (eager) fp32 cast.
+
+    Why not the decorated function itself: dynamo keeps its compiled graphs per code object, and
+    every ``fp32`` function is the same ``wrapper`` code around a different body, so the graphs of
+    all of them would share one cache. It holds 8 (``recompile_limit``); U's 4 kernels with
+    smoothness at 4 scales and S's make more, and past the limit dynamo silently runs the rest eager.
+    """
+    body = getattr(fn, "fp32_body", None)
+    if body is None:
+        return torch.compile(fn, dynamic=False, **options)
+    return fp32(torch.compile(body, dynamic=False, **options))
+
+
 def compile_losses(branch: nn.Module, **options: Any) -> None:
-    """``torch.compile`` each of the branch's ``loss_kernels`` (pure functions held as attributes),
-    replacing the attribute on this instance only; the class keeps the eager functions."""
+    """Compile each of the branch's ``loss_kernels`` (pure functions held as attributes, see
+    :func:`compiled_loss`), replacing the attribute on this instance only; the class keeps the
+    eager functions."""
     for name in branch.loss_kernels:
-        setattr(branch, name, torch.compile(getattr(type(branch), name), dynamic=False, **options))
+        setattr(branch, name, compiled_loss(getattr(type(branch), name), **options))
 
 
 def apply_speed_switches(branch: nn.Module, train: TrainConfig, **compile_options: Any) -> nn.Module:

@@ -188,6 +188,24 @@ def test_compiled_u_losses_give_the_eager_step(batch: Batch, backend: str) -> No
         torch._dynamo.reset()
 
 
+def test_compiled_losses_of_both_branches_stay_compiled(batch: Batch) -> None:
+    """Dynamo keeps compiled graphs per code object, at most ``recompile_limit`` each, and past it
+    runs the function eager without an error. Every ``fp32`` loss shares the decorator's code, so
+    compiling the decorated functions put U's and S's graphs in one cache (U alone fills 7: smoothness
+    at 4 scales). Here a limit of 4 (smoothness's own 4 scales) is made an error, and a step of each
+    branch must stay within it."""
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            for name in ("U", "S"):
+                branch = fresh(name)
+                compile_losses(branch, backend="eager")
+                loss, _, _ = step(branch, batch)
+                assert torch.isfinite(loss)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_build_branch_states_applies_the_switches() -> None:
     """The trainer's construction: channels-last weights, compiled networks, optimiser over the same
     parameters (nothing is compiled until the first call)."""
