@@ -338,7 +338,7 @@ class TrainConfig:
     """``torch.compile`` (inductor). ``on`` (also YAML ``true``): each network (depth nets, pose
     net) in place, before DDP wraps the branch, so parameter names in checkpoints and exports do
     not change, and the branch's element-wise loss functions (U's photometric error, SSIM,
-    auto-mask, confidence NLL and smoothness). ``losses``: the loss functions only, the part that
+    auto-mask, confidence NLL and smoothness; S's LiDAR NLL and point filtering). ``losses``: the loss functions only, the part that
     pays on a CPU (U's step ~0.8× as long at 640×192 on 2 cores; the networks measured no faster
     there) and compiles in about a minute. Never augmentation. The first step compiles (a C++
     compiler is needed on a CPU; the networks take minutes there); eval mode (validation) and new
