@@ -208,9 +208,15 @@ def test_checkpoint_report_has_every_metric_for_both_branches(run_dir, bundled_s
     report_two = json.loads(two.read_text())
     assert report_two["world_size"] == 2 and report_two["num_images"] == report["num_images"]
     assert [(r["key"], r["output"]) for r in report_two["per_image"]] == [(r["key"], r["output"]) for r in report["per_image"]]
+    # AUSE and AURG sort pixels by confidence: batch 3 vs 2 may pick other convolution kernels
+    # (seen on AMD EPYC, not on Intel), moving confidences by ~1e-7 and swapping near-ties, which
+    # moved one image's AUSE and AURG by 6e-6 (AbsRel units; AURG is ~2e-3 there, so a relative
+    # bound cannot hold). The depth metrics must agree to 1e-5 relative.
     for a, b in zip(report["per_image"], report_two["per_image"]):
-        for metric in METRIC_NAMES + ("ause", "aurg", "scale"):
+        for metric in METRIC_NAMES + ("scale",):
             assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-7), (a["key"], a["output"], metric)
+        for metric in ("ause", "aurg"):
+            assert b[metric] == pytest.approx(a[metric], rel=0, abs=1e-4), (a["key"], a["output"], metric)
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from distill_depth.data import cityscapes as cs
 from distill_depth.data.cityscapes import CityscapesDataError, Frame
 from distill_depth.data.kitti import DEPTH_PNG_SCALE, KittiDataError
 from distill_depth.data.shard_reader import sha256_file
-from distill_depth.data.shards import (
-    ShardOptions, _jpeg, _png16, _write_json_atomic, manifest_for, print_summary, resample_depth, write_jobs,
+from distill_depth.data.shard_writer import (
+    ShardOptions, encode_jpeg, encode_png16, manifest_for, print_summary, resample_depth, write_jobs, write_json_atomic,
 )
 
 DEFAULT_HW = (192, 512)
@@ -174,12 +174,12 @@ def encode_sample(job: CityscapesJob, options: ShardOptions) -> dict[str, bytes]
             raise CityscapesDataError(f"{paths[name]}: {image.size[0]}x{image.size[1]}, target is {width}x{height}")
     cropped_hw = (cs.kept_rows(height), width)
     out_hw = options.out_hw or cropped_hw
-    sample = {f"{name}.jpg": _jpeg(cs.crop_ego_car(image), out_hw, options.jpeg_quality)
+    sample = {f"{name}.jpg": encode_jpeg(cs.crop_ego_car(image), out_hw, options.jpeg_quality)
               for name, image in images.items()}
     if job.labelled:
         depth = depth_map(job, camera, (height, width))
-        sample["depth.png"] = _png16(resample_depth(depth, out_hw))
-        sample["gt.png"] = _png16(depth if job.gt_full_res else resample_depth(depth, out_hw))
+        sample["depth.png"] = encode_png16(resample_depth(depth, out_hw))
+        sample["gt.png"] = encode_png16(depth if job.gt_full_res else resample_depth(depth, out_hw))
     meta = {
         "dataset": "cityscapes",
         "K": cs.intrinsics(camera, cropped_hw, out_hw).tolist(),
@@ -233,7 +233,7 @@ def make_shards(root: Path, out_dir: Path, frames: list[Frame], *, options: Shar
                             resolution=list(options.out_hw) if options.out_hw else "native (cropped)",
                             source={"cityscapes_root": str(root.resolve()),
                                     "tool": "distill-depth make-shards --dataset cityscapes"})
-    _write_json_atomic(out_dir / "manifest.json", manifest)
+    write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
 
 

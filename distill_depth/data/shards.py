@@ -5,8 +5,8 @@ One sample per target frame, key ``{drive}_{side}_{frame:010d}``; entries ``rgb.
 projection, uint16 metres×256; absent on unlabelled samples, json ``"labelled": false``), ``gt.png``
 (when the tree has ``proj_depth/groundtruth``), ``regions.png`` (8-bit region bitmask, bits in
 ``distill_depth.data.regions``, when the tree has ``proj_depth/regions``) and ``json``. Shards are
-written in parallel, each as ``.tar.tmp`` + fsync + rename, and
-``manifest.json`` last, so a folder with a manifest is always complete.
+written in parallel by ``shard_writer`` (each as ``.tar.tmp`` + fsync + rename, and
+``manifest.json`` last, so a folder with a manifest is always complete).
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ import argparse
 import glob
 import io
 import json
-import multiprocessing
 import os
 import sys
-import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,22 +27,14 @@ from PIL import Image
 from distill_depth.data import kitti, regions
 from distill_depth.data.kitti import KittiDataError, SplitEntry
 from distill_depth.data.shard_reader import sha256_file
+from distill_depth.data.shard_writer import (
+    ShardOptions, encode_jpeg, encode_png16, manifest_for, print_summary, resample_depth, write_jobs, write_json_atomic,
+)
 
-FORMAT_NAME = "distill-depth-shards"
-FORMAT_VERSION = 1
-SHARD_PATTERN = "shard-{:06d}.tar"
 SKIP_REASONS = {
     "no_neighbours": "frame t-1 or t+1 missing in the camera folder",
     "no_lidar": "no velodyne_points/data/FRAME.bin (no sparse depth to supervise with)",
 }
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    out_dir: str
-    out_hw: tuple[int, int] | None  # None = native resolution
-    stereo: bool
-    jpeg_quality: int
 
 
 @dataclass(frozen=True)
@@ -140,37 +129,6 @@ def _calibration(date_dir: Path) -> kitti.DriveCalibration:
     return _CALIBRATION[key]
 
 
-def _jpeg(image: Image.Image, out_hw: tuple[int, int], quality: int) -> bytes:
-    if image.size != (out_hw[1], out_hw[0]):
-        image = image.resize((out_hw[1], out_hw[0]), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality, subsampling=0)  # 4:4:4: colour edges matter to photometric losses
-    return buffer.getvalue()
-
-
-def _png16(depth: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(kitti.encode_depth(depth)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def resample_depth(depth: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Move every valid pixel to the output pixel whose centre is nearest; nearest depth wins.
-
-    Pixel centres map as (i + 0.5)·s - 0.5, the same as the intrinsics; nothing is interpolated.
-    """
-    if depth.shape == tuple(out_hw):
-        return depth
-    (h0, w0), (h1, w1) = depth.shape, out_hw
-    rows, cols = np.nonzero(depth > 0)
-    v = np.round((rows + 0.5) * (h1 / h0) - 0.5).astype(np.int64).clip(0, h1 - 1)
-    u = np.round((cols + 0.5) * (w1 / w0) - 0.5).astype(np.int64).clip(0, w1 - 1)
-    out = np.full(h1 * w1, np.inf)
-    np.minimum.at(out, v * w1 + u, depth[rows, cols].astype(np.float64))
-    out[~np.isfinite(out)] = 0.0
-    return out.reshape(h1, w1).astype(np.float32)
-
-
 def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
     """The tar entries of one target frame."""
     root, entry = Path(job.root), job.entry
@@ -198,16 +156,16 @@ def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
             f"but {entry.drive_path} frame {entry.frame} is {width}x{height}"
         )
     out_hw = options.out_hw or orig_hw
-    sample = {f"{name}.jpg": _jpeg(image, out_hw, options.jpeg_quality) for name, image in images.items()}
+    sample = {f"{name}.jpg": encode_jpeg(image, out_hw, options.jpeg_quality) for name, image in images.items()}
     if job.labelled:
         scan = kitti.load_velodyne(kitti.velodyne_path(root, entry.drive_path, entry.frame))
-        sample["depth.png"] = _png16(kitti.project_velodyne(scan, calib, camera, orig_hw, out_hw))
+        sample["depth.png"] = encode_png16(kitti.project_velodyne(scan, calib, camera, orig_hw, out_hw))
     gt_path = kitti.groundtruth_path(root, entry.drive_path, camera, entry.frame)
     if gt_path.is_file():
         gt = kitti.read_depth_png(gt_path)
         if gt.shape != orig_hw:
             raise KittiDataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]}, image is {width}x{height}")
-        sample["gt.png"] = _png16(resample_depth(gt, out_hw))
+        sample["gt.png"] = encode_png16(resample_depth(gt, out_hw))
     labels_path = regions.regions_path(root, entry.drive_path, camera, entry.frame)
     if labels_path.is_file():  # synthetic trees with failure modes: the region bitmask, 8-bit grayscale
         labels = np.asarray(Image.open(labels_path))
@@ -237,45 +195,7 @@ def encode_sample(job: FrameJob, options: ShardOptions) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# writing
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shard(task: tuple[int, list[FrameJob], ShardOptions]) -> dict:
-    """Write one shard atomically (``.tar.tmp``, fsync, rename); return its manifest record."""
-    index, jobs, options = task
-    final = Path(options.out_dir) / SHARD_PATTERN.format(index)
-    temporary = final.with_name(final.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for job in jobs:  # a FrameJob here, or any job with .key and .encode (cityscapes_shards)
-                sample = job.encode(options)
-                for suffix in sorted(sample):
-                    _add(tar, f"{job.key}.{suffix}", sample[suffix])
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
-    return {"name": final.name, "num_samples": len(jobs), "bytes": final.stat().st_size, "sha256": sha256_file(final)}
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(value, handle, indent=1)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+# the command's work (the writing itself: shard_writer)
 
 
 def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options: ShardOptions,
@@ -297,78 +217,8 @@ def make_shards(root: Path, out_dir: Path, entries: list[SplitEntry], *, options
     manifest = manifest_for(jobs, records, options, entries=entries, split_info=split_info, skipped=skipped,
                             skip_reasons=SKIP_REASONS, resolution=list(options.out_hw) if options.out_hw else "native",
                             source={"kitti_root": str(root.resolve()), "tool": "distill-depth make-shards"})
-    _write_json_atomic(out_dir / "manifest.json", manifest)
+    write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
-
-
-def manifest_for(jobs: list, records: list[dict], options: ShardOptions, *, entries: list[str], split_info: dict,
-                 skipped: Counter, skip_reasons: dict[str, str], resolution, source: dict, extra: dict | None = None) -> dict:
-    """``manifest.json`` of written jobs (any dataset; ``extra`` keys go right after the format)."""
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        **(extra or {}),
-        "num_samples": len(jobs),
-        "resolution": resolution,
-        "stereo": options.stereo,
-        "jpeg_quality": options.jpeg_quality,
-        "entries": entries,
-        "split": split_info,
-        "source": source,
-        "skipped": {reason: skipped.get(reason, 0) for reason in skip_reasons},
-        "kept_without_neighbours": sum(1 for job in jobs if job.missing),
-        "unlabelled": sum(1 for job in jobs if not job.labelled),
-        "shards": records,
-    }
-
-
-def print_summary(manifest: dict, out: str, skip_reasons: dict[str, str], unlabelled_because: str) -> None:
-    skipped = manifest["skipped"]
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {out}"
-          + (f" ({manifest['kept_without_neighbours']} without a temporal neighbour, kept)"
-             if manifest["kept_without_neighbours"] else "")
-          + (f" ({manifest['unlabelled']} unlabelled: {unlabelled_because})" if manifest["unlabelled"] else ""))
-    print(f"skipped {sum(skipped.values())} frames: "
-          + ", ".join(f"{n} {reason} ({skip_reasons[reason]})" for reason, n in skipped.items()))
-
-
-def write_jobs(out_dir: Path, jobs: list, options: ShardOptions, *, samples_per_shard: int, workers: int,
-               progress: bool) -> list[dict]:
-    """Write ``jobs`` (each with ``.key`` and ``.encode(options)``) into shards; their records, sorted."""
-    from tqdm import tqdm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = [(i, jobs[start:start + samples_per_shard], options)
-             for i, start in enumerate(range(0, len(jobs), samples_per_shard))]
-    records: list[dict] = []
-    bar = tqdm(total=len(jobs), unit="sample", desc="make-shards", disable=not progress, file=sys.stderr)
-    try:
-        if workers <= 1:
-            for task in tasks:
-                records.append(write_shard(task))
-                bar.update(records[-1]["num_samples"])
-        else:
-            # spawn, not fork: the parent may hold threads (torch, tqdm) whose locks a fork copies;
-            # the executor also reports a dead worker instead of waiting for it forever
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
-                futures = [pool.submit(write_shard, task) for task in tasks]
-                try:
-                    for future in as_completed(futures):
-                        records.append(future.result())
-                        bar.update(records[-1]["num_samples"])
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-    except BaseException:
-        for task in tasks:  # our own unfinished temporaries only; finished shards stay
-            Path(out_dir / (SHARD_PATTERN.format(task[0]) + ".tmp")).unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    records.sort(key=lambda r: r["name"])
-    return records
 
 
 # ---------------------------------------------------------------------------------------------
