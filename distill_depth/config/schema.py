@@ -114,7 +114,9 @@ class LossConfig:
     """λ_d, final weight of each distillation term. Measured in the two-stage plan (2026-12-07, tuning
     drives, 25 % labels, 3 seeds): 0.25 lost for both branches; 1.0 helped U on two seeds (-17 %,
     -10.5 %) and made the weak seed worse for both (U +4.9 %): a stronger coupling pulls each pair
-    toward its shared answer, right or wrong (docs/fidelity.md, ninth round)."""
+    toward its shared answer, right or wrong (docs/fidelity.md, ninth round). With full labels
+    (tuning drives, 3 seeds) 1.0 gave U -4.8 % against -4.3 % and S -10.9 % against -11.4 %, its
+    weak seed worse than S-only (thirteenth round)."""
     distill_warmup: float = 0.1
     """Ramp of λ_d from 0: a fraction of ``train.max_steps`` if < 1, else a number of steps."""
     distill_start: float = 0.0
