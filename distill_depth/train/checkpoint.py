@@ -30,8 +30,6 @@ object is refused with :class:`CheckpointCorrupt` and nothing in it runs (DeepSp
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
@@ -43,8 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file, save_model
 from torch import nn
 
 # The reading side (layout constants, manifest checks, load_branches) is shared with evaluation
@@ -63,8 +59,14 @@ from distill_depth.checkpoint_io import (
     verify_checkpoint,
 )
 from distill_depth.config import Config, save_config
-from distill_depth.data.shard_reader import sha256_file
 from distill_depth.train.distributed import RunStopped, barrier, gather_objects
+from distill_depth.train.file_writing import (
+    WRITE_ERRORS,
+    Writing,
+    file_record,
+    save_weights,
+    write_manifest,
+)
 from distill_depth.train.rng import BranchStreams, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -98,10 +100,6 @@ class BranchState:
         return files
 
 
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-"""How a failed write shows: torch.save reports a full disk as a RuntimeError, safetensors as its own error."""
-
-
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
 
@@ -129,7 +127,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     barrier()
-    writing = _Writing(tmp)
+    writing = Writing(tmp)
     records: dict[str, dict[str, Any]] = {}
     try:
         records = _write_rank_files(tmp, branches, leaders, rank, streams, writing)
@@ -158,43 +156,8 @@ def save_checkpoint(
     return final
 
 
-class _Writing:
-    """The file being written now, so that a failure (a full disk, a quota) names it."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.path, self.error = tmp, tmp, None
-
-    def at(self, path: Path) -> Path:
-        self.path = path
-        return path
-
-    def fail(self, exc: BaseException) -> None:
-        try:
-            free_bytes = shutil.disk_usage(self.tmp.parent).free
-            free = f"{free_bytes / 2**20:.0f} MiB free there"
-        except OSError:
-            free_bytes, free = None, "free space unknown"
-        full = "the disk is full: " if disk_full(exc, free_bytes) else ""
-        self.error = f"writing {self.path} failed ({full}{first_line(exc)}; {free})"
-
-
-def disk_full(exc: BaseException, free_bytes: int | None) -> bool:
-    """Did ``exc`` come from a full disk? ENOSPC anywhere in its chain, safetensors' "(os error 28)",
-    or (torch.save only says "unexpected pos ...") less than 1 MiB left. The free space alone is not
-    enough: a write larger than what is left fails with space to spare, and the other ranks'
-    concurrent writes change it."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc)
-    return ("No space left on device" in text or "os error 28" in text
-            or (free_bytes is not None and free_bytes < 2**20))
-
-
 def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str], rank: int,
-                      streams: BranchStreams | None, writing: _Writing) -> dict[str, dict[str, Any]]:
+                      streams: BranchStreams | None, writing: Writing) -> dict[str, dict[str, Any]]:
     """This rank's files: its branches' weights and optimiser state (group leaders), DeepSpeed
     shards, its RNG state; returns their records (hashed right after writing: from the page cache)."""
     written: list[str] = []
@@ -220,7 +183,7 @@ def _write_rank_files(tmp: Path, branches: list[BranchState], leaders: set[str],
 
 
 def _complete(tmp: Path, final: Path, step: int, position: DataPosition, world: int, cfg: Config,
-              placement: dict[str, Any], gathered: list[Any], writing: _Writing) -> None:
+              placement: dict[str, Any], gathered: list[Any], writing: Writing) -> None:
     """Rank 0: state, config, manifest, then ``COMPLETE`` and the rename that makes it count."""
     files = {name: record for part, _ in gathered for name, record in part.items()}
     state = {"step": step, "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
@@ -233,19 +196,6 @@ def _complete(tmp: Path, final: Path, step: int, position: DataPosition, world: 
     writing.at(tmp / MARKER).write_text(f"step {step}\nmanifest sha256 {digest}\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """What a manifest records of one file: its size in bytes and its sha256."""
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def write_manifest(folder: Path, files: dict[str, dict[str, Any]]) -> str:
-    """Write ``folder/manifest.json`` for ``files`` (relative name → :func:`file_record`); returns
-    the manifest's own sha256."""
-    text = json.dumps({"format": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}, indent=1)
-    (folder / MANIFEST).write_text(text)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -361,7 +311,7 @@ def export_run(output_dir: str | Path, models: dict[str, nn.Module], cfg: Config
     ``models``; the metadata by rank 0). A write that fails on any rank stops every rank together
     (:class:`RunStopped`, exit 1) naming the file; the newest checkpoint still holds the weights."""
     folder = Path(output_dir) / "export"
-    writing = _Writing(folder)
+    writing = Writing(folder)
     try:
         if models:
             export_branches(output_dir, models, writing)
@@ -381,11 +331,11 @@ def export_run(output_dir: str | Path, models: dict[str, nn.Module], cfg: Config
     return folder
 
 
-def export_branches(output_dir: str | Path, models: dict[str, nn.Module], writing: _Writing | None = None) -> Path:
+def export_branches(output_dir: str | Path, models: dict[str, nn.Module], writing: Writing | None = None) -> Path:
     """``{output_dir}/export/{S,U}.safetensors`` (call on one rank per branch); each file appears
     under its name only once complete."""
     folder = Path(output_dir) / "export"
-    writing = writing or _Writing(folder)
+    writing = writing or Writing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
         tmp = writing.at(folder / f".{name}.safetensors.tmp")
@@ -398,26 +348,9 @@ def export_branches(output_dir: str | Path, models: dict[str, nn.Module], writin
     return folder
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """``model``'s weights as safetensors (``save_model``). Under a ZeRO-1/2 engine every parameter
-    is a view into one flat buffer, which ``save_model`` refuses to write (shared storage that no
-    single tensor covers): then the tensors are written from copies (the same file, no ties lost:
-    the branches tie no weights)."""
-    state = model.state_dict()
-    views: dict[int, set[int]] = {}
-    for tensor in state.values():
-        views.setdefault(tensor.untyped_storage().data_ptr(), set()).add(tensor.data_ptr())
-    if any(len(starts) > 1 for starts in views.values()):
-        save_file({name: tensor.detach().clone().contiguous() for name, tensor in state.items()}, str(path))
-    else:
-        # safetensors refuses non-contiguous tensors (train.channels_last weights); older versions
-        # do not force contiguity by default
-        save_model(model, str(path), force_contiguous=True)
-
-
-def write_export_meta(output_dir: str | Path, cfg: Config, step: int, writing: _Writing | None = None) -> None:
+def write_export_meta(output_dir: str | Path, cfg: Config, step: int, writing: Writing | None = None) -> None:
     folder = Path(output_dir) / "export"
-    writing = writing or _Writing(folder)
+    writing = writing or Writing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, writing.at(folder / "config.yaml"))
     writing.at(folder / "state.json").write_text(json.dumps({"step": step}))

@@ -95,7 +95,7 @@ def test_a_full_disk_is_recognised_by_the_error_not_by_the_space_left() -> None:
     "unexpected pos", where less than 1 MiB left is the sign. Any other error is not a full disk."""
     from safetensors import SafetensorError
 
-    from distill_depth.train.checkpoint import disk_full
+    from distill_depth.train.file_writing import disk_full
 
     safetensors_error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert disk_full(safetensors_error, free_bytes=34 * 2**20)
