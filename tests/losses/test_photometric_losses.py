@@ -52,6 +52,24 @@ def test_min_over_sources_and_automask() -> None:
     assert mask.all() and pe_min.mean().item() > 0.1
 
 
+def test_a_still_camera_is_masked_out_whatever_the_rounding_of_the_warp() -> None:
+    """Bit-identical frames warped with the identity pose: kornia's resampling moves each pixel by
+    rounding (~1e-6), so the warped error and the un-warped one (both ~1e-8) tie up to rounding;
+    auto-masking drops every pixel (AUTOMASK_MARGIN). A warp better by more than the margin is kept."""
+    from distill_depth.losses.photometric import AUTOMASK_MARGIN
+
+    target = _image(3, shape=(2, 3, 48, 160))
+    K = torch.tensor([[90.0, 0.0, 80.0], [0.0, 90.0, 24.0], [0.0, 0.0, 1.0]]).expand(2, 3, 3)
+    depth = 1.0 + 30.0 * _image(4, shape=(2, 1, 48, 160))
+    warped, valid = warp_to_target(target.clone(), depth, torch.eye(4).expand(2, 4, 4), K)
+    assert not torch.equal(warped, target)  # the premise: the resampling is not bit-exact
+    pe_min, mask = photometric(target, [warped, warped], [valid, valid], sources=[target.clone(), target.clone()])
+    assert not mask.any()
+    identity = torch.full_like(target[:, :1], 10 * AUTOMASK_MARGIN)
+    _, mask = photometric(target, [target.clone()], [valid], identity=identity)
+    assert mask.all()
+
+
 def test_invalid_warp_is_used_only_without_alternative() -> None:
     target = _image(0)
     valid = torch.ones_like(target[:, :1], dtype=torch.bool)
