@@ -423,19 +423,39 @@ def test_clean_teacher_view_sends_the_unaugmented_prediction(batch: Batch) -> No
     assert own_branch(batch).teacher is None
 
 
-@pytest.mark.parametrize(("branches", "direction", "sends_clean"), [
-    (["S", "U"], "both", {"S": True, "U": True}),
-    (["S", "U"], "s_from_u", {"S": False, "U": True}),  # one-way: only U teaches
-    (["S", "U"], "none", {"S": False, "U": False}),
-    (["S"], "both", {"S": False}),  # a single-branch run has nobody to teach
-    (["U"], "both", {"U": False}),
+def test_clean_if_strong_makes_the_pass_by_augmentation_strength(batch: Batch) -> None:
+    """``clean_if_strong`` follows the augmentation, not the branch's name: U with strong
+    augmentation makes the clean pass, S with weak augmentation (the "same augmentation" ablation)
+    sends its own view; the weak branch's sent depth is its own prediction with the flip undone."""
+    cfg = Config()
+    cfg.loss.teacher_view = "clean_if_strong"
+    cfg.augment.s_strength, cfg.augment.u_strength = "weak", "strong"
+    torch.manual_seed(0)
+    assert build_branch("U", cfg).train()(batch).teacher is not None
+    torch.manual_seed(0)
+    weak_s = build_branch("S", cfg).train()(batch)
+    assert weak_s.teacher is None
+    sent = weak_s.for_partner()
+    assert sent.valid.all()  # a flip maps back onto every pixel
+    assert torch.equal(sent.depth, weak_s.canonical_depth.detach().float())
+
+
+@pytest.mark.parametrize(("branches", "direction", "view", "sends_clean"), [
+    (["S", "U"], "both", "clean", {"S": True, "U": True}),
+    (["S", "U"], "s_from_u", "clean", {"S": False, "U": True}),  # one-way: only U teaches
+    (["S", "U"], "none", "clean", {"S": False, "U": False}),
+    (["S"], "both", "clean", {"S": False}),  # a single-branch run has nobody to teach
+    (["U"], "both", "clean", {"U": False}),
+    (["S", "U"], "both", "clean_if_strong", {"S": True, "U": False}),  # U's view is weak
+    (["S", "U"], "both", "own", {"S": False, "U": False}),
 ])
 def test_the_clean_teacher_pass_runs_only_for_a_partner_that_learns_from_it(
-        batch: Batch, branches: list[str], direction: str, sends_clean: dict[str, bool]) -> None:
+        batch: Batch, branches: list[str], direction: str, view: str, sends_clean: dict[str, bool]) -> None:
     """The extra no-grad pass of teacher_view=clean costs a forward pass per step: it is made only
-    when the run has the partner branch and ``loss.distill_direction`` makes it learn."""
+    when the run has the partner branch and ``loss.distill_direction`` makes it learn;
+    ``clean_if_strong`` makes it only for the strongly augmented branch."""
     cfg = Config()
-    cfg.branches, cfg.loss.teacher_view, cfg.loss.distill_direction = branches, "clean", direction
+    cfg.branches, cfg.loss.teacher_view, cfg.loss.distill_direction = branches, view, direction
     for name, expected in sends_clean.items():
         torch.manual_seed(0)
         assert (build_branch(name, cfg).train()(batch).teacher is not None) == expected, name

@@ -98,6 +98,7 @@ class BranchBase(nn.Module):
     def __init__(self, cfg: Config, strength: str) -> None:
         super().__init__()
         self.cfg = cfg
+        self.strength = strength
         self.augmenter = build_augmenter(strength, cfg.augment)
         self.depth_net = DepthNet(cfg.model)
         # the confidence this branch shows its partner, evaluation and predict, when it is not the
@@ -139,12 +140,13 @@ class BranchBase(nn.Module):
         )
 
     def _teaches_clean(self) -> bool:
-        """``loss.teacher_view: clean`` and a partner branch in this run that learns from this one
-        (a single-branch run, or a one-way run's teacher-less side, skips the extra pass)."""
+        """``loss.teacher_view: clean`` (or ``clean_if_strong`` on a strongly augmented branch) and a
+        partner branch in this run that learns from this one (a single-branch run, or a one-way
+        run's teacher-less side, skips the extra pass)."""
         partner, partner_learns = PARTNER[self.name]
         loss = self.cfg.loss
-        return (loss.teacher_view == "clean" and partner in self.cfg.branches
-                and loss.distill_direction in ("both", partner_learns))
+        clean = loss.teacher_view == "clean" or (loss.teacher_view == "clean_if_strong" and self.strength == "strong")
+        return clean and partner in self.cfg.branches and loss.distill_direction in ("both", partner_learns)
 
     @torch.no_grad()
     def _clean_teacher(self, batch: Batch) -> tuple[Tensor, Tensor]:
