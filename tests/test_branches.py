@@ -513,7 +513,14 @@ def test_u_confidence_target_lidar_shows_a_lidar_trained_confidence_and_leaves_u
     u_branch, batch, prediction, terms, grads = step(base, [True, False])
     shown = prediction.extras["shown_confidence"]
     assert not torch.equal(shown, prediction.confidence[0])
-    assert torch.allclose(prediction.for_partner().confidence, u_branch._clean_teacher(batch)[1])
+    # the default teacher_view (clean_if_strong) sends U's weak view; flip_p 0: its frame is canonical
+    assert torch.equal(prediction.for_partner().confidence, shown)
+    clean_confidence = u_branch._clean_teacher(batch)[1]  # what teacher_view=clean sends: the same net's
+    with torch.no_grad():
+        disps, confs = u_branch.depth_net(batch.image)
+        expected = u_branch._shown_confidence(batch.image, disps[0], confs[0])
+    assert torch.allclose(clean_confidence, expected, atol=1e-6)
+    assert not torch.allclose(clean_confidence, confs[0].float(), atol=1e-3)
     assert torch.allclose(u_branch.infer(base.image)[1], u_branch.eval()(batch).canonical_confidence, atol=1e-6)
     sparse = base.sparse_depth.clone()
     sparse[1] = 0.0
