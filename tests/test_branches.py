@@ -770,6 +770,31 @@ def test_u_distill_pixels_reprojects_better_gates_us_term_by_u_s_own_frames() ->
     assert s_branch.loss(stereo, s_prediction, s_partner, 10_000)[1]["distill"].item() == pytest.approx(log15, rel=1e-4)
 
 
+def test_u_distill_confident_share_keeps_s_s_most_confident_pixels(batch: Batch) -> None:
+    """u_distill_confident_share=0.25: U learns from S only on the quarter of each image where S's
+    confidence is highest. S sends a depth 1.5x U's own everywhere; its confidence rises from left
+    to right, so U's term is log 1.5 times the mean S confidence over the kept right-hand pixels,
+    divided over all pixels (dropped pixels do not raise the kept ones' weight)."""
+    terms = {}
+    for share in (1.0, 0.25):
+        cfg = Config()
+        cfg.loss.u_distill_confident_share = share
+        torch.manual_seed(0)
+        branch = build_branch("U", cfg).eval()
+        prediction = branch(batch)
+        depth = prediction.canonical_depth.detach()
+        ramp = torch.linspace(0.1, 0.9, depth.shape[-1]).expand_as(depth).contiguous()
+        partner = replace(prediction.for_partner(), depth=depth * 1.5, confidence=ramp,
+                          valid=torch.ones_like(depth, dtype=torch.bool))
+        prediction = replace(prediction, canonical_valid=torch.ones_like(depth, dtype=torch.bool))
+        terms[share] = branch.loss(batch, prediction, partner, 10_000)[1]["distill"].item()
+    log15 = math.log(1.5)
+    assert terms[1.0] == pytest.approx(log15 * ramp.mean().item(), rel=1e-4)
+    kept = ramp >= ramp.flatten(1).sort(dim=1, descending=True).values[:, math.ceil(0.25 * ramp[0].numel()) - 1].view(-1, 1, 1, 1)
+    assert 0.2 < kept.float().mean().item() < 0.3
+    assert terms[0.25] == pytest.approx(log15 * (ramp * kept).sum().item() / ramp.numel(), rel=1e-4)
+
+
 def test_diagnostic_teacher_ground_truth_replaces_the_partner(batch: Batch) -> None:
     """diagnostic_teacher=ground_truth: each branch's distillation term is the mean log error to the
     dense ground truth, whatever the partner sent; without ground truth it is an error."""

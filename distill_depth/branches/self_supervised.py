@@ -14,6 +14,7 @@ from distill_depth.losses import (
     aligns_u_scale,
     identity_error,
     lidar_confidence_nll,
+    most_confident,
     photometric,
     reprojects_better,
     self_confidence_nll,
@@ -173,6 +174,10 @@ class SelfSupervisedBranch(BranchBase):
                 hinted = self._where_partner_reprojects_better(
                     view, partner, own_error, own_kept, target, sources, list(poses.values()), K
                 )
+            share = loss_cfg.u_distill_confident_share
+            if share < 1.0 and self._learns_from(partner):
+                confident = most_confident(partner.confidence, partner.valid, share).to(prediction.canonical_depth.device)
+                hinted = confident if hinted is None else hinted & confident
             distill_term, weight = self._distill_term(
                 prediction, partner, step, scale_align=False, image_weight=self._image_weight(batch),
                 region=self._distill_region(batch, inside=True), keep=hinted,

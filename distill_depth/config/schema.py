@@ -172,6 +172,11 @@ class LossConfig:
     paired with ``all`` from the same stage-1 weights): S's depth reprojects better on 58-61 % of
     the pixels, and U lost a little (0.188 vs 0.183, 0.202 vs 0.197, 0.276 vs 0.278; mean +1.7 %);
     S unchanged. Where U's frames prefer its own depth, S's teaching still helped it."""
+    u_distill_confident_share: float = 1.0
+    """The share of each image's pixels, by S's confidence, where U learns from S (L_u<-s): U takes
+    S's depth only where S is surest of it in that image (``losses.most_confident``), so that S's
+    within-image ranking of its errors (AURG > 0), not the scale of C_s against C_u, picks the
+    pixels. 1 = every pixel (METHOD.md). Applies with ``u_distill_pixels`` (both must keep a pixel)."""
     partner_trust: Literal["none", "lidar"] = "none"
     """An extra per-image factor on S's L_s<-u weight. ``lidar``: t = min(1, S's median log error /
     U's median log error) at the image's LiDAR points (``losses.lidar_trust``); an image without

@@ -8,6 +8,7 @@ from distill_depth.losses.distill import (
     lidar_coverage,
     lidar_trust,
     median_scale,
+    most_confident,
     reprojects_better,
 )
 from distill_depth.losses.photometric import (
@@ -47,6 +48,7 @@ __all__ = [
     "point_filtering",
     "point_filtering_held_out",
     "point_filtering_prior",
+    "most_confident",
     "reprojects_better",
     "self_confidence_nll",
     "smoothness",

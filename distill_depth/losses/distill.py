@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -141,6 +142,24 @@ def distill(
     if keep is not None:
         weight = torch.where(keep.to(weight.device), weight, torch.zeros_like(weight))
     return masked_mean(weight * (torch.log(student) - torch.log(teacher)).abs(), mask)
+
+
+@torch.no_grad()
+def most_confident(confidence: Tensor, mask: Tensor, share: float) -> Tensor:
+    """Per image, the pixels of ``mask`` whose confidence is among the top ``share`` of that image's
+    ``mask`` pixels (ties at the threshold kept):
+
+        keep(p) = mask(p) ∧ C(p) ≥ the ⌈share · |mask|⌉-th largest C over the image's mask
+
+    confidence (B, 1, H, W), mask (B, 1, H, W) bool, share in (0, 1]. Returns (B, 1, H, W) bool;
+    an image with an empty mask keeps nothing. Sorting, not boolean indexing: no device sync.
+    """
+    B = confidence.shape[0]
+    flat = torch.where(mask, confidence.float(), -math.inf).flatten(1)  # (B, N)
+    ordered = flat.sort(dim=1, descending=True).values
+    k = (mask.flatten(1).sum(dim=1) * share).ceil().long().clamp(min=1)
+    threshold = ordered.gather(1, (k - 1)[:, None]).view(B, 1, 1, 1)
+    return mask & (confidence.float() >= threshold)
 
 
 @torch.no_grad()

@@ -217,3 +217,19 @@ def test_reprojects_better_picks_the_depth_that_explains_the_frames() -> None:
     broken = teacher.clone()
     broken[..., :, W // 2 :] = 0.0
     assert not reprojects_better(broken, student_error, kept, target, [source], [T], K)[..., W // 2 :].any()
+
+
+def test_most_confident_keeps_the_top_share_of_each_images_mask() -> None:
+    """most_confident: per image, the top share of the masked pixels by confidence; pixels outside
+    the mask never, an image with an empty mask nothing, share 1 the whole mask."""
+    from distill_depth.losses import most_confident
+
+    confidence = torch.arange(2 * 4 * 5, dtype=torch.float32).view(2, 1, 4, 5) / 40
+    mask = torch.ones(2, 1, 4, 5, dtype=torch.bool)
+    mask[0, 0, 3] = False  # the image's 5 most confident pixels are outside its mask
+    mask[1] = False
+    keep = most_confident(confidence, mask, 0.25)
+    assert keep[0].sum() == 4  # ceil(0.25 * 15)
+    assert torch.equal(keep[0, 0, 2, 1:], torch.ones(4, dtype=torch.bool)) and not keep[0, 0, 3].any()
+    assert not keep[1].any()
+    assert torch.equal(most_confident(confidence, mask, 1.0), mask)
