@@ -23,14 +23,6 @@ SSIM_EPS = 1e-12
 """Constants of kornia.metrics.ssim at max_val = 1 (eps is added to the denominator): the map below
 reproduces it exactly (tested against it), only computed more cheaply."""
 
-AUTOMASK_MARGIN = 1e-6
-"""How much lower than the un-warped error the warped one must be for auto-masking to keep a pixel:
-the fp32 rounding of pe (in [0, 1]). A still camera with bit-identical frames gives an un-warped
-error of ~1e-8 and a warped one as small, whose order is decided by rounding in the resampling
-(kornia's coordinate normalisation) and in SSIM; the margin makes such ties count as "the
-un-warped source matches as well", as METHOD.md means, so every such pixel is dropped. (Monodepth2
-adds 1e-5 noise to the un-warped error, which keeps about half of them at random.)"""
-
 LARGE_ERROR = 1e4
 """Penalty that makes the per-pixel minimum prefer a source whose warp stayed in the image; also the
 error of a pixel with non-finite input (such pixels are masked out)."""
@@ -145,7 +137,7 @@ def photometric(
     """Per-pixel minimum reprojection error over sources, with Monodepth2 auto-masking.
 
         pe_min(p) = min_{k valid at p} pe(I_t, I_{k→t})(p)   (min over all k where none is valid)
-        mask(p)   = pe_min(p) < min_k pe(I_t, I_k)(p) − 1e-6 (auto-mask; AUTOMASK_MARGIN)
+        mask(p)   = pe_min(p) < min_k pe(I_t, I_k)(p)        (auto-mask)
 
     target: (B, 3, H, W) un-jittered target; warped[k]: source k warped into the target view
     (border padding); warp_valid[k]: (B, 1, H, W) bool, where the warp landed inside source k;
@@ -168,7 +160,7 @@ def photometric(
     if identity is None and sources is not None and len(sources) > 0:
         identity = identity_error(target, sources, alpha)
     if identity is not None:
-        mask = mask & (pe_min < identity - AUTOMASK_MARGIN)
+        mask = mask & (pe_min < identity)
     masked = torch.where(mask, pe_min, 0.0)
     return (masked, mask, pe_min) if return_unmasked else (masked, mask)
 
