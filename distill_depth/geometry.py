@@ -135,42 +135,19 @@ def warp_to_target(
     """
     _check("source", source, (None, None, None, None))
     _check("target_depth", target_depth, (source.shape[0], 1, source.shape[2], source.shape[3]))
-    _check("T_target_to_source", T_target_to_source, (source.shape[0], 4, 4))
-    _check("K", K, (source.shape[0], 3, 3))
     B, _, H, W = source.shape
     with _no_autocast(source.device):
-        K, T = K.float(), T_target_to_source.float()
-        # backproject -> transform_points -> project in one. With the pixel p̃ = (u, v, 1):
-        #   K X_source = K (R D K⁻¹ p̃ + t) = D p̃ + m,   m = D · K (R − I) K⁻¹ p̃ + K t,
-        #   p_s = (D p + m_xy) / z = p + (m_xy − p m_z) / z,   z = D + m_z (the source camera's z).
-        # Per image, a 3×3 on the fixed pixel grid and one multiply-add with the depth: it keeps
-        # two full-resolution maps for the backward where the three composed keep ~six (U warps
-        # 2 sources at 4 scales every step: ~135 MiB less at 640×192, batch 4). Written as a
-        # displacement from p, a still camera (R = I, t = 0) maps every pixel exactly onto itself.
-        K_inv = torch.linalg.inv_ex(K).inverse  # inv_ex: no singularity check, which would sync a GPU
-        rotation = T[:, :3, :3] - torch.eye(3, device=T.device)
-        grid = _pixel_grid(H, W, source.device)  # (1, 3, H·W)
-        depth = target_depth.float().flatten(2)  # (B, 1, H·W)
-        m = depth * ((K @ rotation @ K_inv) @ grid) + K @ T[:, :3, 3:]  # (B, 3, H·W)
-        z = depth + m[:, 2:3]
-        # kornia's rule for 1/z (convert_points_from_homogeneous), so that both paths agree everywhere
-        inverse_z = torch.where(z.abs() > 1e-8, 1.0 / (z + 1e-8), torch.ones_like(z))
-        pixels = (grid[:, :2] + (m[:, :2] - grid[:, :2] * m[:, 2:3]) * inverse_z).view(B, 2, H, W)
+        points_t = backproject(target_depth.float(), K)
+        points_s = transform_points(points_t, T_target_to_source)
+        pixels = project(points_s, K)  # (B, 2, H, W)
         x, y = pixels[:, 0], pixels[:, 1]
         warped = remap(
             source.float(), x, y, mode="bilinear", padding_mode="border", align_corners=True
         )
-        in_front = z.view(B, H, W) > MIN_DEPTH
+        in_front = points_s[:, 2] > MIN_DEPTH
         inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
         valid = (in_front & inside)[:, None]
     return warped, valid
-
-
-def _pixel_grid(height: int, width: int, device: torch.device) -> Tensor:
-    """Homogeneous pixel centres ``(u, v, 1)`` of a ``height × width`` image, row-major: ``(1, 3, H·W)``."""
-    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
-                          torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
-    return torch.stack([u.flatten(), v.flatten(), torch.ones(height * width, device=device)])[None]
 
 
 # --- intrinsics: every change of K lives here ------------------------------------------------

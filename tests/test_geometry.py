@@ -190,49 +190,6 @@ def test_gradients_reach_depth_pose_and_source() -> None:
         assert torch.isfinite(tensor.grad).all(), name
 
 
-def test_warp_equals_backproject_transform_project_and_keeps_less_for_the_backward() -> None:
-    """``warp_to_target`` fuses backproject -> transform_points -> project: the same pixels, valid
-    masks and gradients as the three composed (points behind the camera included), while saving
-    fewer full-resolution maps for the backward."""
-    from kornia.geometry.transform import remap
-
-    torch.manual_seed(0)
-    B, h, w = 3, 40, 96
-    source = torch.rand(B, 3, h, w)
-    depth = 0.5 + 40 * torch.rand(B, 1, h, w)
-    depth[0, 0, :4, :4] = -1.0  # behind the camera
-    T = pose_from_axis_angle(0.05 * torch.randn(B, 3), torch.randn(B, 3))
-    K = make_K(B, h, w)
-
-    def composed(depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        points = transform_points(backproject(depth, K), T)
-        pixels = project(points, K)
-        x, y = pixels[:, 0], pixels[:, 1]
-        warped = remap(source, x, y, mode="bilinear", padding_mode="border", align_corners=True)
-        return warped, ((points[:, 2] > 1e-3) & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1))[:, None]
-
-    saved: dict[str, int] = {}
-    results = {}
-    for name, fn in (("composed", composed), ("fused", lambda d: warp_to_target(source, d, T, K))):
-        d = depth.clone().requires_grad_()
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            warped, valid = fn(d)
-        (warped * valid).sum().backward()
-        saved[name] = sum(storages.values())
-        results[name] = (warped, valid, d.grad)
-    (w0, v0, g0), (w1, v1, g1) = results["composed"], results["fused"]
-    assert torch.equal(v0, v1) and not v1.all() and v1.any()
-    torch.testing.assert_close(w1 * v1, w0 * v0, rtol=0, atol=2e-4)
-    torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-4 * g0.abs().max().item())
-    assert saved["fused"] < 0.75 * saved["composed"], saved
-
-
 def test_fp32_under_autocast() -> None:
     K = make_K(1, H, W)
     source = torch.rand(1, 3, H, W).bfloat16()
