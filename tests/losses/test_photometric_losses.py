@@ -56,9 +56,9 @@ def test_at_the_identity_pose_the_temporal_warp_still_teaches_the_pose() -> None
     """The pose net starts at the identity motion exactly: there the warped temporal error ties the
     un-warped one up to the resampling's rounding (~1e-6). Auto-masking keeps the pixels where
     rounding puts the warp ahead (no margin), so the pose gets a gradient and can leave the
-    identity. A margin of 1e-6 on the tie (tried 2026-12-07) left it no gradient there: one of
-    three held-out U-only seeds never learnt any motion (translation 0.003 m per frame, AbsRel
-    0.39 against 0.21)."""
+    identity. A margin of 1e-6 on the tie (tried 2026-12-07, with a fused warp since reverted)
+    kept 4 % of those pixels, and in that run one of three held-out U-only seeds never learnt any
+    motion (translation 0.003 m per frame, AbsRel 0.39 against 0.21)."""
     from distill_depth.geometry import pose_from_axis_angle
 
     target = _image(3, shape=(2, 3, 48, 160))

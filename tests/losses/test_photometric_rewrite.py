@@ -28,14 +28,8 @@ def test_ssim_map_equals_kornia(shape: tuple[int, ...]) -> None:
     b = 0.5 * a + 0.5 * b  # correlated, so SSIM spans a useful range, not only ~0
     ours, ref = ssim_map(a, b), kornia.metrics.ssim(a, b, window_size=3, max_val=1.0)
     assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < 2e-6
     assert ref.std().item() > 0.05  # the comparison is not between two constants
-    # the same formula: equal in float64 up to rounding
-    exact = kornia.metrics.ssim(a.double(), b.double(), window_size=3, max_val=1.0)
-    assert (ssim_map(a.double(), b.double()) - exact).abs().max().item() < 1e-12
-    # in fp32 each sums its window in its own order: SSIM's variance terms (E[a²] − μ_a²) cancel,
-    # so both are ~1e-5 off the float64 value; ours may not be clearly worse than kornia's own
-    ours_error = (ours - exact).abs().max().item()
-    assert ours_error < 1.5 * (ref - exact).abs().max().item() + 1e-6, ours_error
 
 
 def test_photometric_error_equals_old_formula_and_gradients() -> None:
@@ -44,7 +38,7 @@ def test_photometric_error_equals_old_formula_and_gradients() -> None:
     b = torch.rand(2, 3, 24, 40, generator=gen).requires_grad_(True)
     new = photometric_error(a, b)
     old = _old_photometric_error(a, b)
-    assert (new - old).abs().max().item() < 1e-5  # fp32 rounding of SSIM (see the test above)
+    assert (new - old).abs().max().item() < 2e-6
     (grad_new,) = torch.autograd.grad(new.sum(), b)
     (grad_old,) = torch.autograd.grad(old.sum(), b)
     assert (grad_new - grad_old).abs().max().item() < 1e-5
@@ -67,12 +61,11 @@ def test_photometric_min_and_automask_equal_argmin_formula(num_sources: int) -> 
         photometric(target, warped, valid, identity=identity),
     ):
         assert torch.equal(new_mask & some_valid, old_mask & some_valid)
-        assert (new_pe - old_pe)[some_valid].abs().max().item() < 1e-5
+        assert (new_pe - old_pe)[some_valid].abs().max().item() < 2e-6
         grads_new = torch.autograd.grad((new_pe * some_valid).sum(), warped)
         grads_old = torch.autograd.grad((old_pe * some_valid).sum(), warped, retain_graph=True)
         for g_new, g_old in zip(grads_new, grads_old):
-            # SSIM's gradient divides by local variances: fp32 rounding grows to ~3e-5 of the largest
-            assert (g_new - g_old).abs().max().item() < 1e-4 * g_old.abs().max().item()
+            assert (g_new - g_old).abs().max().item() < 1e-5
     none_valid = ~torch.stack(valid).any(dim=0)
     assert none_valid.any()  # the random masks cover the "no valid source" case too
     errors = torch.stack([photometric_error(target, w) for w in warped]).amin(dim=0)
