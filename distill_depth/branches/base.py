@@ -98,7 +98,6 @@ class BranchBase(nn.Module):
     def __init__(self, cfg: Config, strength: str) -> None:
         super().__init__()
         self.cfg = cfg
-        self.strength = strength
         self.augmenter = build_augmenter(strength, cfg.augment)
         self.depth_net = DepthNet(cfg.model)
         # the confidence this branch shows its partner, evaluation and predict, when it is not the
@@ -145,7 +144,7 @@ class BranchBase(nn.Module):
         run's teacher-less side, skips the extra pass)."""
         partner, partner_learns = PARTNER[self.name]
         loss = self.cfg.loss
-        clean = loss.teacher_view == "clean" or (loss.teacher_view == "clean_if_strong" and self.strength == "strong")
+        clean = loss.teacher_view == "clean" or (loss.teacher_view == "clean_if_strong" and self.augmenter.strength == "strong")
         return clean and partner in self.cfg.branches and loss.distill_direction in ("both", partner_learns)
 
     @torch.no_grad()

@@ -154,12 +154,12 @@ def most_confident(confidence: Tensor, mask: Tensor, share: float) -> Tensor:
     confidence (B, 1, H, W), mask (B, 1, H, W) bool, share in (0, 1]. Returns (B, 1, H, W) bool;
     an image with an empty mask keeps nothing. Sorting, not boolean indexing: no device sync.
     """
-    B = confidence.shape[0]
-    flat = torch.where(mask, confidence.float(), -math.inf).flatten(1)  # (B, N)
+    B, confidence = confidence.shape[0], confidence.float()
+    flat = torch.where(mask, confidence, -math.inf).flatten(1)  # (B, N)
     ordered = flat.sort(dim=1, descending=True).values
     k = (mask.flatten(1).sum(dim=1) * share).ceil().long().clamp(min=1)
     threshold = ordered.gather(1, (k - 1)[:, None]).view(B, 1, 1, 1)
-    return mask & (confidence.float() >= threshold)
+    return mask & (confidence >= threshold)
 
 
 @torch.no_grad()
