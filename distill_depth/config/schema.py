@@ -350,6 +350,11 @@ class TrainConfig:
     """The networks (depth nets, pose net) and their input images in channels-last memory layout,
     the one GPU tensor cores prefer (with ``mixed_precision``); on a CPU it measured no faster. The
     same computation to rounding; checkpoints and exports are written in the usual layout."""
+    keep_cpu_memory: bool = True
+    """On a CPU device, glibc's malloc keeps freed memory for the next step instead of unmapping
+    every large block (``distill_depth.train.cpu_memory``): U's step at 640×192 without ~180,000
+    page faults, 9 % shorter on 2 cores, the same peak RSS. Process-wide; no effect on a GPU run
+    or without glibc."""
     compile: Literal["off", "on", "losses"] = "off"
     """``torch.compile`` (inductor). ``on`` (also YAML ``true``): each network (depth nets, pose
     net) in place, before DDP wraps the branch, so parameter names in checkpoints and exports do

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distill_depth.config import Config, save_config
 from distill_depth.topology import Topology, plan_layout
 from distill_depth.train.checkpoint import DataPosition, export_run, load_checkpoint, save_checkpoint
+from distill_depth.train.cpu_memory import keep_freed_memory
 from distill_depth.train.distributed import agree_to_stop, gather_objects, make_accelerator, wrap_ddp
 from distill_depth.train.door import RunStopped
 from distill_depth.train.nonfinite import BadSteps, InjectedFault, failure_message, snapshot_buffers
@@ -112,6 +113,8 @@ class Trainer:
         device = self.accelerator.device
         # accelerate's CPU ranks say "cpu:N", which torch.load/safetensors refuse
         self.device = torch.device("cpu") if device.type == "cpu" else device
+        if self.device.type == "cpu" and cfg.train.keep_cpu_memory:
+            keep_freed_memory()
         self.layout = plan_layout(self.world, cfg.topology.mode, cfg.topology.sup_ranks, cfg.branches)
         self.topology = Topology(self.layout, self.rank, self.device)
         self.out = Path(cfg.train.output_dir)
