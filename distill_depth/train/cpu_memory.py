@@ -13,7 +13,6 @@ same (a heap holds what the step needs at its peak either way).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -21,26 +20,21 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-_applied = False
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (process-wide, from now on); True if it
-    did (or had already), False where there is no glibc (macOS, musl, Windows): nothing changes."""
-    global _applied
-    if _applied:
-        return True
+    """Make glibc's malloc keep freed memory for reuse (process-wide, from now on; calling it again
+    sets the same values); True if it did, False without glibc (macOS, Windows; musl's mallopt
+    does nothing): the allocator stays as it was."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter already runs on
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # a trim threshold of -1 turns trimming off (mallopt(3)); an int cannot say more than 2 GiB
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, -1) != 1:
-        log.warning("train.keep_cpu_memory: glibc refused mallopt; the allocator is unchanged")
+        log.warning("train.keep_cpu_memory: mallopt refused (not glibc?); the allocator is unchanged")
         return False
-    _applied = True
     return True
